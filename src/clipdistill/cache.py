@@ -1,0 +1,172 @@
+"""The teacher embedding store: computed once by `embed`, memory-mapped by everything after it.
+
+Layout of a cache folder:
+    meta.json              fingerprint, sizes, shard size (written first; a mismatch is refused)
+    emb_00000.npy          float16 [rows, image_dim + text_dim], L2-normalised embeddings
+    shard_00000.json       ids and validity of the shard's rows (written last: the shard's done mark)
+A shard is computed from a fixed list of rows in fixed batches, so a resumed run writes the same
+bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from clipdistill.checkpoint import atomic_write, read_json, write_json
+
+
+class CacheMismatchError(RuntimeError):
+    """A cache built by another teacher, preprocessing or dataset."""
+
+
+def teacher_fingerprint(model_id: str, weights_hash: str, preprocess: object, data_id: str) -> str:
+    blob = json.dumps([model_id, weights_hash, repr(preprocess), data_id])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class CacheMeta:
+    fingerprint: str
+    model_id: str
+    data_id: str
+    num_samples: int
+    image_dim: int
+    text_dim: int
+    shard_size: int
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.shard_size)
+
+    def shard_rows(self, shard: int) -> range:
+        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_samples))
+
+
+class TeacherCache:
+    """Read access to a finished cache: rows by sample index, memory-mapped shard by shard."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not (self.folder / "meta.json").is_file():
+            raise FileNotFoundError(f"no teacher cache at {self.folder}: run `clipdistill embed` first")
+        self.meta = CacheMeta(**read_json(self.folder / "meta.json"))
+        missing = [
+            s for s in range(self.meta.num_shards) if not (self.folder / f"shard_{s:05d}.json").is_file()
+        ]
+        if missing:
+            raise FileNotFoundError(
+                f"teacher cache at {self.folder} is incomplete ({len(missing)} of "
+                f"{self.meta.num_shards} shards missing): rerun `clipdistill embed` to finish it"
+            )
+        self._shards = [
+            np.load(self.folder / f"emb_{s:05d}.npy", mmap_mode="r") for s in range(self.meta.num_shards)
+        ]
+        self.valid = np.concatenate(
+            [
+                np.asarray(read_json(self.folder / f"shard_{s:05d}.json")["valid"], dtype=bool)
+                for s in range(self.meta.num_shards)
+            ]
+        )
+
+    def __len__(self) -> int:
+        return self.meta.num_samples
+
+    def check(self, data_id: str, fingerprint: str | None = None) -> None:
+        """Refuse a cache built from other data (or, when given, by another teacher)."""
+        if self.meta.data_id != data_id:
+            raise CacheMismatchError(
+                f"teacher cache at {self.folder} was built from data {self.meta.data_id!r}, not {data_id!r}: "
+                "rerun `clipdistill embed` for this data (or point --run_dir at the matching run)"
+            )
+        if fingerprint is not None and self.meta.fingerprint != fingerprint:
+            raise CacheMismatchError(
+                f"teacher cache at {self.folder} was built by teacher {self.meta.model_id} "
+                f"(fingerprint {self.meta.fingerprint}), not the configured one ({fingerprint}): "
+                f"delete {self.folder} and rerun `clipdistill embed`"
+            )
+
+    def rows(self, index: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, text) float32 embeddings of the given sample indices, in order."""
+        index = np.asarray(index, dtype=np.int64)
+        out = np.empty((len(index), self.meta.image_dim + self.meta.text_dim), dtype=np.float16)
+        shard, offset = np.divmod(index, self.meta.shard_size)
+        for s in np.unique(shard):
+            hit = shard == s
+            out[hit] = self._shards[s][offset[hit]]
+        emb = torch.from_numpy(out).float()
+        return emb[:, : self.meta.image_dim], emb[:, self.meta.image_dim :]
+
+    def all_image(self, chunk: int = 65536):
+        """Image embeddings shard by shard (memory-mapped views), for balance and cluster."""
+        for array in self._shards:
+            yield array[:, : self.meta.image_dim]
+
+
+@torch.no_grad()
+def embed_shard(teacher, batches, rows: range, width: int, device: torch.device) -> tuple[np.ndarray, dict]:
+    """Encode one shard's rows: normalised image and text embeddings as float16, zeros for bad samples."""
+    emb = np.zeros((len(rows), width), dtype=np.float16)
+    valid = np.zeros(len(rows), dtype=bool)
+    ids = [""] * len(rows)
+    skipped = []
+    for batch in batches:
+        skipped.extend([reason, str(key)] for reason, key in batch["skipped"])
+        if len(batch["index"]) == 0:
+            continue
+        image = F.normalize(teacher.encode_image(batch["image"].to(device)).float(), dim=-1)
+        text = F.normalize(teacher.encode_text(batch["text"].to(device)).float(), dim=-1)
+        local = batch["index"].numpy() - rows.start
+        emb[local] = torch.cat([image, text], dim=1).cpu().half().numpy()
+        valid[local] = True
+        for row, key in zip(local, batch.get("id") or batch["index"].tolist(), strict=True):
+            ids[row] = str(key)
+    return emb, {"ids": ids, "valid": valid.tolist(), "skipped": skipped}
+
+
+def build_cache(
+    folder: str | Path, meta: CacheMeta, teacher, source, batch_size: int, device: torch.device
+) -> dict:
+    """Compute (or finish) the cache; returns a report with timing and skipped-sample counts."""
+    folder = Path(folder)
+    meta_path = folder / "meta.json"
+    if meta_path.is_file():
+        old = CacheMeta(**read_json(meta_path))
+        if old != meta:
+            raise CacheMismatchError(
+                f"the cache at {folder} was started with other settings (teacher {old.model_id}, fingerprint "
+                f"{old.fingerprint}, {old.num_samples} samples, shard size {old.shard_size}); now "
+                f"{meta.model_id}, {meta.fingerprint}, {meta.num_samples}, {meta.shard_size}. "
+                f"Delete {folder} to rebuild it"
+            )
+    else:
+        write_json(meta_path, meta.__dict__)
+    todo = [s for s in range(meta.num_shards) if not (folder / f"shard_{s:05d}.json").is_file()]
+    start, skipped = time.time(), 0
+    progress = tqdm(
+        total=meta.num_samples,
+        initial=meta.num_samples - sum(len(meta.shard_rows(s)) for s in todo),
+        desc="embed",
+        unit="img",
+        dynamic_ncols=True,
+    )
+    width = meta.image_dim + meta.text_dim
+    for s in todo:
+        rows = meta.shard_rows(s)
+        index = np.arange(rows.start, rows.stop)
+        batches = source.batches(np.array_split(index, -(-len(index) // batch_size)))
+        emb, record = embed_shard(teacher, batches, rows, width, device)
+        atomic_write(folder / f"emb_{s:05d}.npy", lambda tmp, emb=emb: np.save(tmp, emb, allow_pickle=False))
+        write_json(folder / f"shard_{s:05d}.json", record)  # the shard's done mark, written last
+        skipped += len(record["skipped"])
+        progress.update(len(rows))
+    progress.close()
+    return {"shards_computed": len(todo), "seconds": time.time() - start, "skipped_in_this_run": skipped}

@@ -1,0 +1,76 @@
+"""`clipdistill <stage> [--config run.yaml] [--section.key value ...]`: parse, call the stage, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from clipdistill.config import ConfigError, RunConfig, load_config, to_dict
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+STAGES = {
+    "embed": "compute the teacher cache (image + text embeddings of every training sample)",
+    "train": "train a model with a method (clip, and the distillation recipes)",
+    "eval": "zero-shot, linear probe and retrieval of a trained model",
+    "demo": "the whole lab end to end: teacher, cache, students, evaluation, results table",
+}
+
+
+def _run_stage(stage: str, cfg: RunConfig) -> dict:
+    if stage == "embed":
+        from clipdistill.embed import run_embed
+
+        return run_embed(cfg)
+    if stage == "train":
+        from clipdistill.train import train
+
+        return train(cfg)
+    if stage == "eval":
+        from clipdistill.evaluate.run import run_eval
+
+        return run_eval(cfg)
+    if stage == "demo":
+        from clipdistill.demo import run_demo
+
+        return run_demo(cfg)
+    raise AssertionError(stage)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="clipdistill",
+        description="Distil a CLIP teacher into a small student. Every option of the config file can be "
+        "overridden as --section.key value (e.g. --train.steps 200 --student.name lab-student).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="stages:\n" + "\n".join(f"  {k:8s} {v}" for k, v in STAGES.items()),
+    )
+    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("--config", help="YAML run config (defaults: the Fashion-MNIST lab)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.print_config:
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            return 0
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        result = _run_stage(args.stage, cfg)
+    except ConfigError as e:
+        print(f"clipdistill {args.stage}: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        print(f"clipdistill {args.stage}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Typed run configuration: dataclasses, YAML files and `--section.key value` overrides.
+
+A config is validated before any work starts: unknown keys and wrong types are one clear
+error each, and the resolved config is written next to every stage's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: raised before any work is done."""
+
+
+@dataclass
+class DataConfig:
+    kind: str = "lab"  # lab | csv (csv, tsv, parquet) | webdataset
+    path: str = ""  # lab: folder of the Fashion-MNIST idx files ("" = Debian's); else table file or shards
+    image_key: str = "filepath"
+    caption_key: str = "title"
+    id_key: str = ""
+    image_size: int = 32
+    num_workers: int = 0
+    val_size: int = 5000  # lab: images held out of the train split for model selection
+    train_size: int = 0  # lab: 0 = every remaining train image
+    classnames: str = ""  # JSON file of class names + templates for zero-shot eval ("" = lab's)
+
+
+@dataclass
+class ModelConfig:
+    name: str = ""  # open_clip model name, shipped config name (e.g. lab-teacher) or a JSON config path
+    pretrained: str = ""  # open_clip pretrained tag or a local checkpoint (.safetensors / .pt)
+    lock_text: bool = False  # LiT: freeze the text transformer (its projection still trains)
+    precision: str = "fp32"
+
+
+@dataclass
+class TrainConfig:
+    role: str = "student"  # which model trains: teacher | student
+    method: str = "clip"
+    name: str = ""  # output folder under the run dir; "" = the method name
+    steps: int = 800
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    accum_steps: int = 1
+    grad_clip: float = 1.0
+    amp: bool = True  # bf16 autocast where the device supports it
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 20
+    ckpt_every: int = 200
+    resume: str = "auto"  # auto | never
+    tensorboard: bool = False
+    subset: str = ""  # kept-ids file (from `balance`) restricting the training samples
+
+
+@dataclass
+class EmbedConfig:
+    batch_size: int = 256
+    shard_size: int = 8192
+    device: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    model: str = ""  # a train folder name under the run dir, or "teacher"
+    batch_size: int = 512
+    linear_probe_train: int = 10000  # train images used to fit the probe
+    retrieval_size: int = 1000  # test images (and their captions) in the retrieval gallery
+    device: str = "auto"
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(name="lab-teacher", lock_text=True))
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(name="lab-student"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
+    """Check (and gently convert) a value read from YAML or the command line."""
+    origin = typing.get_origin(typ)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of keys, got {value!r}")
+        return _build(typ, value, where, default)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(typ)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is not type(None):
+                try:
+                    return _coerce(value, option, where)
+                except ConfigError:
+                    pass
+        raise ConfigError(f"{where}: {value!r} is not a {typ}")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(typ)[:1] or (Any,)
+        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if typ is Any:
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if typ is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if typ is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, values: dict, where: str, base: Any = None) -> Any:
+    """`cls` from `values`; keys not given keep `base`'s values (the parent's defaults)."""
+    types_ = _field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known keys are {sorted(types_)}")
+    base = base if base is not None else cls()
+    kwargs = {}
+    for name, typ in types_.items():
+        if name in values:
+            kwargs[name] = _coerce(values[name], typ, f"{where}.{name}".lstrip("."), getattr(base, name))
+        else:
+            kwargs[name] = getattr(base, name)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict, cls: type = RunConfig) -> Any:
+    return _build(cls, values, "")
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """Turn `--train.steps 100 --data.kind csv` into a nested dict of raw strings."""
+    if len(args) % 2:
+        raise ConfigError(f"overrides {args}: expected pairs of `--section.key value`")
+    nested: dict = {}
+    for key, raw in zip(args[::2], args[1::2], strict=True):
+        if not key.startswith("--"):
+            raise ConfigError(f"override {key!r}: expected `--section.key value`")
+        node = nested
+        parts = key[2:].replace("-", "_").split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part} is not a section")
+        node[parts[-1]] = raw
+    return nested
+
+
+def _typed_overrides(values: dict, cls: type) -> dict:
+    """Parse raw override strings by the field's type: strings stay verbatim, the rest is YAML."""
+    types_ = _field_types(cls)
+    out = {}
+    for key, value in values.items():
+        typ = types_.get(key)
+        if isinstance(value, dict):
+            out[key] = _typed_overrides(value, typ) if dataclasses.is_dataclass(typ) else value
+        elif typ is str:
+            out[key] = value
+        elif typ in (int, float):
+            try:
+                out[key] = typ(value)
+            except ValueError as e:
+                raise ConfigError(f"override --{key} {value!r}: expected {typ.__name__}") from e
+        else:
+            try:
+                out[key] = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"override --{key} {value!r}: not a valid value ({e})") from e
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or the defaults when `path` is None) and apply CLI overrides."""
+    values: dict = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {path} does not exist") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        values = loaded or {}
+    if overrides:
+        values = _merge(values, _typed_overrides(parse_overrides(overrides), RunConfig))
+    return config_from_dict(values)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def fingerprint(values: Any) -> str:
+    """Short stable hash of a config (or any JSON-able value) to detect changed settings."""
+    blob = json.dumps(values if isinstance(values, dict) else to_dict(values), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,139 @@
+"""Where training and embedding batches come from: the in-memory lab, a table of files, or tar shards.
+
+Every source yields dicts with `image` (normalised float [B, 3, S, S]), `text` (tokens), `index`
+(the sample's row in the dataset, which is also its row in the teacher cache) and `skipped`
+(bad samples met in this batch, as (reason, id) pairs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
+from clipdistill.config import DataConfig
+from clipdistill.data.lab import LabSplit, load_lab, to_pixels
+from clipdistill.models.factory import Preprocess
+
+
+def pil_transform(preprocess: Preprocess) -> Callable:
+    """PIL image -> normalised tensor at the model's resolution (CLIP's resize + center crop)."""
+    return T.Compose(
+        [
+            T.Resize(preprocess.image_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(preprocess.image_size),
+            T.ToTensor(),
+            T.Normalize(preprocess.mean, preprocess.std),
+        ]
+    )
+
+
+class LabPairs:
+    """A lab split as a random-access pair source: batches are tensor slices, no workers needed."""
+
+    def __init__(self, split: LabSplit, tokenizer: Callable, preprocess: Preprocess):
+        self.split = split
+        self.preprocess = preprocess
+        self.tokens = tokenizer(split.captions)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def batch(self, index: torch.Tensor) -> dict:
+        pixels = to_pixels(self.split.images[index], self.preprocess.image_size)
+        return {
+            "image": self.preprocess.normalize(pixels),
+            "text": self.tokens[index],
+            "index": index,
+            "skipped": [],
+        }
+
+    def batches(self, index_lists: Iterable[np.ndarray]) -> Iterator[dict]:
+        for rows in index_lists:
+            yield self.batch(torch.as_tensor(rows, dtype=torch.long))
+
+
+class TablePairs:
+    """Pairs listed in a CSV/TSV/Parquet table, decoded by DataLoader workers."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Callable, preprocess: Preprocess):
+        from clipdistill.data.pairs import PairsDataset
+
+        self.dataset = PairsDataset(
+            cfg.path,
+            pil_transform(preprocess),
+            image_key=cfg.image_key,
+            caption_key=cfg.caption_key,
+            id_key=cfg.id_key or None,
+        )
+        self.tokenizer = tokenizer
+        self.num_workers = cfg.num_workers
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _collate(self, samples: list[dict]) -> dict:
+        from clipdistill.data.pairs import collate_pairs
+
+        batch = collate_pairs(samples)
+        batch["text"] = self.tokenizer(batch["text"]) if batch.get("text") else None
+        return batch
+
+    def batches(self, index_lists: Iterable[np.ndarray]) -> Iterator[dict]:
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=[list(map(int, rows)) for rows in index_lists],
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+        yield from loader
+
+
+def make_pair_source(cfg: DataConfig, tokenizer: Callable, preprocess: Preprocess, split: str = "train"):
+    """The random-access pair source for `cfg` (the lab's `split`, or a table of files)."""
+    if cfg.kind == "lab":
+        return LabPairs(getattr(load_lab(cfg), split), tokenizer, preprocess)
+    if cfg.kind == "csv":
+        return TablePairs(cfg, tokenizer, preprocess)
+    raise ValueError(
+        f"data.kind {cfg.kind!r} has no random-access source; use lab or csv "
+        "(WebDataset shards stream through `embed`; see the README)"
+    )
+
+
+class StepSampler:
+    """Which samples step `s` sees, as a pure function of (seed, s).
+
+    Each epoch is a seeded permutation of the pool; step s takes the s-th global batch of it and
+    this rank takes its contiguous slice. Resuming needs only the step number, and N ranks see
+    exactly the global batch one process would.
+    """
+
+    def __init__(self, pool: np.ndarray, global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
+        if len(pool) < global_batch:
+            raise ValueError(f"only {len(pool)} training samples for a global batch of {global_batch}")
+        self.pool = np.asarray(pool, dtype=np.int64)
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.seed, self.rank = seed, rank
+        self.steps_per_epoch = len(self.pool) // global_batch
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> np.ndarray:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.pool))
+        rows = self._perm[position * self.global_batch : (position + 1) * self.global_batch]
+        start = self.rank * self.local_batch
+        return self.pool[rows[start : start + self.local_batch]]
+
+    def schedule(self, start: int, stop: int) -> Iterator[np.ndarray]:
+        for step in range(start, stop):
+            yield self.indices(step)

@@ -1,0 +1,59 @@
+"""One code path for 1 and N processes: `torchrun` sets the env, we read it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group that `torchrun` describes; world size 1 needs no group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0, keeping gradients for the local part.
+
+    Equal-sized shards are assumed (the sampler guarantees it).
+    """
+    if world_size() == 1:
+        return x
+    return torch.cat(dist_nn.all_gather(x), dim=0)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of a detached tensor over ranks (for logging)."""
+    if world_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / world_size()

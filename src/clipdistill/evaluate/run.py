@@ -1,0 +1,119 @@
+"""The `eval` stage: zero-shot, linear probe and retrieval of a trained model on the lab's test split."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from clipdistill.checkpoint import write_json
+from clipdistill.config import ConfigError, RunConfig, config_from_dict
+from clipdistill.data.lab import LabSplit, load_lab, to_pixels
+from clipdistill.evaluate.linear_probe import linear_probe
+from clipdistill.evaluate.retrieval import retrieval_recall
+from clipdistill.evaluate.zeroshot import zeroshot_accuracy, zeroshot_classifier
+from clipdistill.models.factory import LoadedModel, count_parameters, create_teacher
+from clipdistill.train import resolve_device
+
+
+def load_trained(cfg: RunConfig, name: str) -> LoadedModel:
+    """The model a `train` run produced (or the configured teacher for name == "teacher")."""
+    if name == "teacher":
+        return create_teacher(cfg.teacher)
+    folder = Path(cfg.run_dir) / name
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"no trained model at {weights}: run `clipdistill train --train.name {name}` first")
+    trained = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
+    model_cfg = trained.teacher if trained.train.role == "teacher" else trained.student
+    model_cfg.pretrained = str(weights)
+    loaded = create_teacher(model_cfg)  # frozen, eval mode
+    return loaded
+
+
+@torch.no_grad()
+def image_features(
+    loaded: LoadedModel,
+    split: LabSplit,
+    batch_size: int,
+    device: torch.device,
+    limit: int = 0,
+    desc: str = "features",
+) -> torch.Tensor:
+    n = min(limit, len(split)) if limit else len(split)
+    feats = []
+    for start in tqdm(range(0, n, batch_size), desc=desc, leave=False, dynamic_ncols=True):
+        pixels = to_pixels(split.images[start : min(start + batch_size, n)], loaded.preprocess.image_size)
+        x = loaded.preprocess.normalize(pixels).to(device)
+        feats.append(F.normalize(loaded.model.encode_image(x).float(), dim=-1).cpu())
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def text_features(loaded: LoadedModel, texts: list[str], device: torch.device, batch_size: int = 512):
+    out = [
+        loaded.model.encode_text(loaded.tokenizer(texts[i : i + batch_size]).to(device)).float().cpu()
+        for i in range(0, len(texts), batch_size)
+    ]
+    return F.normalize(torch.cat(out), dim=-1)
+
+
+def evaluate_model(cfg: RunConfig, name: str) -> dict:
+    """Metrics (percent) of model `name` on the lab, in DESIGN section 7's names."""
+    if cfg.data.kind != "lab":
+        raise ConfigError(
+            "eval runs on the lab data (data.kind lab); other suites come with the dataset readers"
+        )
+    device = resolve_device(cfg.eval.device)
+    start = time.time()
+    loaded = load_trained(cfg, name)
+    loaded.model.to(device)
+    lab = load_lab(cfg.data)
+    ec = cfg.eval
+    test = image_features(loaded, lab.test, ec.batch_size, device, desc="test")
+    classifier = zeroshot_classifier(
+        lambda t: text_features(loaded, t, device), lab.classnames, lab.templates
+    )
+    zs = zeroshot_accuracy(test, lab.test.labels, classifier)
+    train = image_features(loaded, lab.train, ec.batch_size, device, ec.linear_probe_train, desc="probe")
+    val = image_features(loaded, lab.val, ec.batch_size, device, desc="val")
+    probe = linear_probe(train, lab.train.labels[: len(train)], val, lab.val.labels, test, lab.test.labels)
+    k = ec.retrieval_size
+    retrieval = retrieval_recall(
+        test[:k],
+        text_features(loaded, lab.test.captions[:k], device),
+        image_labels=lab.test.labels[:k],
+        text_labels=lab.test.labels[:k],
+    )
+    return {
+        "params": count_parameters(loaded.model),
+        "zeroshot_top1": zs["acc1"],
+        "zeroshot_top5": zs["acc5"],
+        "linear_probe_top1": probe["acc1"],
+        "linear_probe_c": probe["best_c"],
+        "retrieval_i2t_r1": retrieval["text_retrieval_recall@1"],
+        "retrieval_t2i_r1": retrieval["image_retrieval_recall@1"],
+        "retrieval_i2t_r5": retrieval["text_retrieval_recall@5"],
+        "retrieval_t2i_r5": retrieval["image_retrieval_recall@5"],
+        "retrieval_rule": retrieval["rule"],
+        "eval_seconds": round(time.time() - start, 2),
+    }
+
+
+def run_eval(cfg: RunConfig) -> dict:
+    """Evaluate `cfg.eval.model` and write eval.json + eval.csv into its folder."""
+    name = cfg.eval.model or cfg.train.name or cfg.train.method
+    metrics = evaluate_model(cfg, name)
+    folder = Path(cfg.run_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "eval.json", metrics)
+    with open(folder / "eval.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["model", *metrics])
+        writer.writeheader()
+        writer.writerow({"model": name, **metrics})
+    return metrics

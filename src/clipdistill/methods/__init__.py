@@ -1,0 +1,37 @@
+"""Training recipes: each builds a task module whose forward(batch) returns {"loss": ..., parts}.
+
+A recipe that distils declares it needs the teacher cache; the trainer then adds the cached
+`teacher_image` and `teacher_text` rows to every batch (the teacher never runs in the loop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from clipdistill.cache import TeacherCache
+from clipdistill.config import ConfigError, RunConfig
+from clipdistill.methods.clip import ClipTask
+
+Builder = Callable[[RunConfig, nn.Module, TeacherCache | None], nn.Module]
+
+# name -> (builder, needs the teacher cache)
+METHODS: dict[str, tuple[Builder, bool]] = {
+    "clip": (lambda cfg, model, cache: ClipTask(model), False),
+}
+
+
+def needs_teacher_cache(method: str) -> bool:
+    return _lookup(method)[1]
+
+
+def build_task(cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> nn.Module:
+    """The recipe `cfg.train.method` around `model` (with the cache's widths where it distils)."""
+    return _lookup(cfg.train.method)[0](cfg, model, cache)
+
+
+def _lookup(method: str) -> tuple[Builder, bool]:
+    if method not in METHODS:
+        raise ConfigError(f"unknown train.method {method!r}; known: {sorted(METHODS)}")
+    return METHODS[method]

@@ -1,0 +1,313 @@
+import csv
+import io
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
+from clipdistill.data import pairs
+from clipdistill.data.images import SkipCounter
+from clipdistill.data.pairs import PairsDataset, WebDatasetPairs, collate_pairs, expand_urls
+
+TRANSFORM = T.Compose([T.Resize((8, 8)), T.ToTensor()])
+
+
+def _image_bytes(seed: int, fmt: str = "PNG") -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt)
+    return buf.getvalue()
+
+
+# ---- tables ---------------------------------------------------------------------------------------
+
+ROWS = [  # (image, caption, what the dataset must make of it)
+    ("img0.png", "a red square", "ok"),
+    ("img1.png", 'a caption, with "quotes"\nand a newline', "ok"),
+    ("missing.png", "gone", "missing_file"),
+    ("img3.png", "   ", "empty_caption"),
+    ("sub/img4.png", "nested", "ok"),
+]
+
+
+@pytest.fixture
+def table_dir(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for i, (image, _, _) in enumerate(ROWS):
+        if image != "missing.png":
+            (tmp_path / image).write_bytes(_image_bytes(i))
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filepath", "title", "uid"])
+        writer.writerows([image, caption, f"u{i}"] for i, (image, caption, _) in enumerate(ROWS))
+    return tmp_path
+
+
+def test_csv_samples_and_bad_rows(table_dir):
+    dataset = PairsDataset(table_dir / "pairs.csv", TRANSFORM)
+    assert len(dataset) == len(ROWS)
+    for i, (_, caption, outcome) in enumerate(ROWS):
+        sample = dataset[i]
+        if outcome == "ok":
+            assert sample["text"] == caption.strip() and sample["index"] == i and sample["id"] == str(i)
+            assert sample["image"].shape == (3, 8, 8)
+        else:
+            assert sample == {"bad": outcome, "id": str(i), "index": i}
+
+
+def test_root_and_id_key(table_dir, tmp_path_factory):
+    moved = tmp_path_factory.mktemp("elsewhere")
+    (moved / "pairs.csv").write_bytes((table_dir / "pairs.csv").read_bytes())
+    assert PairsDataset(moved / "pairs.csv", TRANSFORM)[0]["bad"] == "missing_file"  # relative to the table
+    dataset = PairsDataset(moved / "pairs.csv", TRANSFORM, id_key="uid", root=table_dir)
+    assert dataset[0]["id"] == "u0" and dataset[4]["text"] == "nested"
+
+
+def test_missing_column_names_file_columns_and_option(table_dir):
+    with pytest.raises(ValueError) as info:
+        PairsDataset(table_dir / "pairs.csv", TRANSFORM, caption_key="caption")
+    message = str(info.value)
+    for part in ("pairs.csv", "'caption'", "['filepath', 'title', 'uid']", "--data.caption_key"):
+        assert part in message
+
+
+def test_tsv_and_custom_separator(tmp_path):
+    (tmp_path / "a.png").write_bytes(_image_bytes(0))
+    (tmp_path / "pairs.tsv").write_text("path\tcaption\na.png\tone, two; three\n")
+    (tmp_path / "pairs.txt").write_text("path;caption\na.png;four, five\n")
+    tsv = PairsDataset(tmp_path / "pairs.tsv", TRANSFORM, image_key="path", caption_key="caption")
+    assert tsv[0]["text"] == "one, two; three"
+    semi = PairsDataset(tmp_path / "pairs.txt", TRANSFORM, image_key="path", caption_key="caption", sep=";")
+    assert semi[0]["text"] == "four, five"
+
+
+def test_parquet_keeps_only_needed_columns_as_strings(table_dir):
+    table = pa.table(
+        {
+            "filepath": [image for image, _, _ in ROWS],
+            "title": [caption for _, caption, _ in ROWS[:-1]] + [None],
+            "key": [100 + i for i in range(len(ROWS))],
+            "unused": [1.0] * len(ROWS),
+        }
+    )
+    pq.write_table(table, table_dir / "pairs.parquet")
+    dataset = PairsDataset(table_dir / "pairs.parquet", TRANSFORM, id_key="key")
+    assert dataset[0]["id"] == "100" and dataset[1]["text"] == ROWS[1][1]
+    assert dataset[4] == {"bad": "empty_caption", "id": "104", "index": 4}  # null caption
+    with pytest.raises(ValueError, match="--data.image_key"):
+        PairsDataset(table_dir / "pairs.parquet", TRANSFORM, image_key="url")
+
+
+def test_duplicate_ids_are_named(table_dir):
+    with open(table_dir / "dup.csv", "w") as f:
+        f.write("filepath,title,uid\nimg0.png,a,x1\nimg1.png,b,x2\nimg0.png,c,x1\n")
+    with pytest.raises(ValueError, match=r"1 duplicate ids in column 'uid', e.g. \['x1'\]"):
+        PairsDataset(table_dir / "dup.csv", TRANSFORM, id_key="uid")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_collate_separates_bad_samples_across_workers(table_dir, num_workers):
+    dataset = PairsDataset(table_dir / "pairs.csv", TRANSFORM)
+    loader = DataLoader(dataset, batch_size=2, num_workers=num_workers, collate_fn=collate_pairs)
+    counter, indices, texts = SkipCounter(), [], []
+    for batch in loader:
+        assert len(batch["image"]) == len(batch["text"]) == len(batch["index"]) == len(batch["id"])
+        assert batch["index"].dtype == torch.long and batch["image"].shape[1:] in [(3, 8, 8), ()]
+        indices += batch["index"].tolist()
+        texts += batch["text"]
+        for reason, key in batch["skipped"]:
+            counter.add(reason, key)
+    assert indices == [0, 1, 4] and texts[2] == "nested"
+    assert counter.as_dict() == {
+        "total": 2,
+        "by_reason": {"missing_file": 1, "empty_caption": 1},
+        "examples": ["2", "3"],
+    }
+
+
+def test_collate_of_an_all_bad_batch():
+    batch = collate_pairs([{"bad": "truncated", "id": "k", "index": 3}])
+    assert batch["image"].numel() == 0 and batch["text"] == [] and batch["index"].tolist() == []
+    assert batch["skipped"] == [("truncated", "k")]
+
+
+# ---- webdataset shards ----------------------------------------------------------------------------
+
+
+def _write_tar(path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _sample(key: str, seed: int, caption: bytes | None = None, image: bool = True) -> list[tuple[str, bytes]]:
+    members = [(f"{key}.jpg", _image_bytes(seed, "JPEG"))] if image else []
+    members.append((f"{key}.txt", caption if caption is not None else f"caption of {key}".encode()))
+    members.append((f"{key}.json", b"{}"))  # extra members are ignored
+    return members
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """3 shards of 4 records: 9 good, one with no image, one with no caption, one with an empty caption."""
+    records = []
+    for s in range(3):
+        members = []
+        for i in range(4):
+            key = f"part/{s:03d}_{i:02d}"
+            if (s, i) == (0, 3):
+                members += _sample(key, 0, image=False)
+                records.append((key, "missing_image"))
+            elif (s, i) == (1, 3):
+                members += [(f"{key}.jpg", _image_bytes(0, "JPEG"))]
+                records.append((key, "missing_caption"))
+            elif (s, i) == (2, 0):
+                members += _sample(key, 0, caption=b"  ")
+                records.append((key, "empty_caption"))
+            else:
+                members += _sample(key, 10 * s + i)
+                records.append((key, "ok"))
+        _write_tar(tmp_path / f"shard-{s:03d}.tar", members)
+    return str(tmp_path / "shard-{000..002}.tar"), records
+
+
+def _stream(dataset) -> list[tuple[str, int, str]]:
+    """(id, index, outcome) of every record, checking each good sample on the way."""
+    out = []
+    for sample in dataset:
+        if "bad" not in sample:
+            assert sample["image"].shape == (3, 8, 8) and sample["text"] == f"caption of {sample['id']}"
+        out.append((sample["id"], sample["index"], sample.get("bad", "ok")))
+    return out
+
+
+def _keys(dataset) -> list[str]:
+    return [key for key, _, _ in _stream(dataset)]
+
+
+def test_expand_urls():
+    assert expand_urls("d/{000..002}.tar") == ["d/000.tar", "d/001.tar", "d/002.tar"]
+    assert expand_urls("a/{0..1}.tar::b/x.tar:: ") == ["a/0.tar", "a/1.tar", "b/x.tar"]
+
+
+def test_reads_every_record_in_order(shards):
+    urls, records = shards
+    stream = _stream(WebDatasetPairs(urls, TRANSFORM))
+    assert stream == [(key, i, outcome) for i, (key, outcome) in enumerate(records)]
+
+
+def test_two_ranks_cover_each_sample_exactly_once(shards):
+    urls, records = shards
+    per_rank = [
+        _keys(WebDatasetPairs(urls, TRANSFORM, rank=r, world_size=2, shuffle_shards=True)) for r in range(2)
+    ]
+    assert per_rank[0] and per_rank[1]
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(key for key, _ in records)
+
+
+def test_shuffled_order_is_fixed_by_seed_and_epoch(shards):
+    urls, records = shards
+
+    def order(seed, epoch):
+        return _keys(WebDatasetPairs(urls, TRANSFORM, shuffle_shards=True, seed=seed, epoch=epoch))
+
+    assert order(3, 1) == order(3, 1)
+    orders = {tuple(order(3, epoch)) for epoch in range(6)}
+    assert len(orders) > 1
+    assert all(sorted(o) == sorted(key for key, _ in records) for o in orders)
+
+
+@pytest.mark.parametrize("skip", [0, 3, 5, 11, 12, 20])
+def test_skip_resumes_exactly_without_decoding_skipped_images(shards, monkeypatch, skip):
+    urls, _ = shards
+    options = {"rank": 1, "world_size": 2, "shuffle_shards": True, "seed": 7, "epoch": 2}
+    full = _stream(WebDatasetPairs(urls, TRANSFORM, **options))
+    decoded = []
+    decode = pairs.decode_image
+    monkeypatch.setattr(pairs, "decode_image", lambda source, name: decoded.append(name) or decode(source))
+    resumed = _stream(WebDatasetPairs(urls, TRANSFORM, skip=skip, **options))
+    assert resumed == full[skip:]
+    assert decoded == [key for key, _, outcome in full[skip:] if outcome == "ok"]
+
+
+def _cut_shard(path, keep_bytes: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep_bytes])
+
+
+def _member(path, name: str) -> tarfile.TarInfo:
+    with tarfile.open(path) as tar:
+        return tar.getmember(name)
+
+
+def test_truncated_shard_yields_good_prefix_then_a_bad_record(shards, tmp_path):
+    urls, records = shards
+    shard = tmp_path / "shard-000.tar"
+    image = _member(shard, "part/000_02.jpg")
+    _cut_shard(shard, image.offset_data + image.size // 2)  # mid-way through sample 2's image
+    stream = _stream(WebDatasetPairs(urls, TRANSFORM))
+    assert [key for key, _, _ in stream[:2]] == ["part/000_00", "part/000_01"]
+    assert stream[2] == (str(shard), 2, "truncated_shard")
+    assert [key for key, _, _ in stream[3:]] == [key for key, _ in records[4:]]  # the next shards still come
+    for skip in (2, 3):  # the bad record holds its place when resuming, too
+        assert _stream(WebDatasetPairs(urls, TRANSFORM, skip=skip)) == stream[skip:]
+
+
+def test_shard_cut_between_members_is_still_caught(shards, tmp_path):
+    urls, _ = shards
+    shard = tmp_path / "shard-002.tar"
+    last = _member(shard, "part/002_03.json")
+    _cut_shard(shard, last.offset_data + tarfile.BLOCKSIZE)  # every member whole, end-of-archive gone
+    stream = _stream(WebDatasetPairs(urls, TRANSFORM))
+    # the last sample may have lost members past the cut, so it is replaced by the bad record
+    assert [key for key, _, _ in stream[-3:]] == ["part/002_01", "part/002_02", str(shard)]
+    assert stream[-1][2] == "truncated_shard"
+
+
+@pytest.mark.parametrize("content", [b"", b"not a tar at all" * 100])
+def test_unreadable_shard_is_one_bad_record(shards, tmp_path, content):
+    urls, records = shards
+    (tmp_path / "shard-001.tar").write_bytes(content)
+    stream = _stream(WebDatasetPairs(urls, TRANSFORM))
+    assert stream[4] == (str(tmp_path / "shard-001.tar"), 4, "unreadable_shard")
+    assert len(stream) == len(records) - 4 + 1
+
+
+def test_config_mistakes_fail_before_reading(shards, tmp_path):
+    urls, _ = shards
+    with pytest.raises(FileNotFoundError, match="shard-003.tar"):
+        WebDatasetPairs(str(tmp_path / "shard-{000..003}.tar"), TRANSFORM)
+    with pytest.raises(ValueError, match="3 shards"):
+        WebDatasetPairs(urls, TRANSFORM, rank=0, world_size=4)
+
+
+def test_workers_split_shards_and_skip_keeps_its_meaning(shards):
+    urls, records = shards
+
+    def run(skip):
+        loader = DataLoader(
+            WebDatasetPairs(urls, TRANSFORM, skip=skip), batch_size=3, num_workers=2, collate_fn=collate_pairs
+        )
+        good, skipped = {}, []
+        for batch in loader:
+            good.update(zip(batch["id"], batch["index"].tolist(), strict=True))
+            skipped += batch["skipped"]
+        return good, skipped
+
+    good, skipped = run(0)
+    assert sorted(good) == sorted(key for key, outcome in records if outcome == "ok")
+    assert sorted(skipped) == [
+        ("empty_caption", "part/002_00"),
+        ("missing_caption", "part/001_03"),
+        ("missing_image", "part/000_03"),
+    ]
+    assert len(set(good.values())) == len(good)  # indices stay unique across workers
+    resumed, _ = run(5)
+    assert resumed == {key: index for key, index in good.items() if index >= 5}
