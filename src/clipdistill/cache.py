@@ -70,6 +70,8 @@ class TeacherCache:
         self._shards = [
             np.load(self.folder / f"emb_{s:05d}.npy", mmap_mode="r") for s in range(self.meta.num_shards)
         ]
+        self.keyed_by_id = self.meta.data_id.startswith("webdataset:")
+        self._row_of_id: dict[str, int] | None = None
         self.valid = np.concatenate(
             [
                 np.asarray(read_json(self.folder / f"shard_{s:05d}.json")["valid"], dtype=bool)
@@ -94,6 +96,23 @@ class TeacherCache:
                 f"delete {self.folder} and rerun `clipdistill embed`"
             )
 
+    def rows_of_ids(self, ids: list[str]) -> np.ndarray:
+        """Cache rows of sample keys (streamed data, whose order differs from the cache's)."""
+        if self._row_of_id is None:
+            self._row_of_id = {}
+            for s in range(self.meta.num_shards):
+                start = self.meta.shard_rows(s).start
+                for offset, key in enumerate(read_json(self.folder / f"shard_{s:05d}.json")["ids"]):
+                    if key:
+                        self._row_of_id[key] = start + offset
+        missing = [k for k in ids if k not in self._row_of_id]
+        if missing:
+            raise CacheMismatchError(
+                f"samples {missing[:3]} are not in the teacher cache at {self.folder}: the shards changed "
+                "since `embed`; rerun it"
+            )
+        return np.array([self._row_of_id[k] for k in ids], dtype=np.int64)
+
     def rows(self, index: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(image, text) float32 embeddings of the given sample indices, in order."""
         index = np.asarray(index, dtype=np.int64)
@@ -112,7 +131,9 @@ class TeacherCache:
 
 
 @torch.no_grad()
-def embed_shard(teacher, batches, rows: range, width: int, device: torch.device) -> tuple[np.ndarray, dict]:
+def embed_shard(
+    teacher, batches, rows: range, width: int, device: torch.device, progress: tqdm | None = None
+) -> tuple[np.ndarray, dict]:
     """Encode one shard's rows: normalised image and text embeddings as float16, zeros for bad samples."""
     emb = np.zeros((len(rows), width), dtype=np.float16)
     valid = np.zeros(len(rows), dtype=bool)
@@ -120,6 +141,8 @@ def embed_shard(teacher, batches, rows: range, width: int, device: torch.device)
     skipped = []
     for batch in batches:
         skipped.extend([reason, str(key)] for reason, key in batch["skipped"])
+        if progress is not None:
+            progress.update(len(batch["index"]) + len(batch["skipped"]))
         if len(batch["index"]) == 0:
             continue
         image = F.normalize(teacher.encode_image(batch["image"].to(device)).float(), dim=-1)
@@ -130,6 +153,11 @@ def embed_shard(teacher, batches, rows: range, width: int, device: torch.device)
         for row, key in zip(local, batch.get("id") or batch["index"].tolist(), strict=True):
             ids[row] = str(key)
     return emb, {"ids": ids, "valid": valid.tolist(), "skipped": skipped}
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a temp name
+        np.save(f, array, allow_pickle=False)
 
 
 def build_cache(
@@ -163,10 +191,9 @@ def build_cache(
         rows = meta.shard_rows(s)
         index = np.arange(rows.start, rows.stop)
         batches = source.batches(np.array_split(index, -(-len(index) // batch_size)))
-        emb, record = embed_shard(teacher, batches, rows, width, device)
-        atomic_write(folder / f"emb_{s:05d}.npy", lambda tmp, emb=emb: np.save(tmp, emb, allow_pickle=False))
+        emb, record = embed_shard(teacher, batches, rows, width, device, progress)
+        atomic_write(folder / f"emb_{s:05d}.npy", lambda tmp, emb=emb: _save_npy(tmp, emb))
         write_json(folder / f"shard_{s:05d}.json", record)  # the shard's done mark, written last
         skipped += len(record["skipped"])
-        progress.update(len(rows))
     progress.close()
     return {"shards_computed": len(todo), "seconds": time.time() - start, "skipped_in_this_run": skipped}

@@ -84,6 +84,17 @@ class EvalConfig:
 
 
 @dataclass
+class LabConfig:
+    """What `demo` and `bench` run: the lab teacher's budget, the rows and the seeds."""
+
+    teacher_steps: int = 600
+    teacher_lr: float = 1e-3
+    rows: list[str] = field(default_factory=lambda: ["no_kd"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    results: str = "results.json"  # written in the run dir
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/demo"
     data: DataConfig = field(default_factory=DataConfig)
@@ -92,6 +103,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lab: LabConfig = field(default_factory=LabConfig)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -131,6 +143,11 @@ def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if typ is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if typ is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if typ is str and isinstance(value, str):
@@ -176,26 +193,27 @@ def parse_overrides(args: list[str]) -> dict:
     return nested
 
 
-def _typed_overrides(values: dict, cls: type) -> dict:
+def _typed_overrides(values: dict, cls: type, prefix: str = "") -> dict:
     """Parse raw override strings by the field's type: strings stay verbatim, the rest is YAML."""
     types_ = _field_types(cls)
     out = {}
     for key, value in values.items():
         typ = types_.get(key)
         if isinstance(value, dict):
-            out[key] = _typed_overrides(value, typ) if dataclasses.is_dataclass(typ) else value
+            nested = dataclasses.is_dataclass(typ)
+            out[key] = _typed_overrides(value, typ, f"{prefix}{key}.") if nested else value
         elif typ is str:
             out[key] = value
         elif typ in (int, float):
             try:
                 out[key] = typ(value)
             except ValueError as e:
-                raise ConfigError(f"override --{key} {value!r}: expected {typ.__name__}") from e
+                raise ConfigError(f"override --{prefix}{key} {value!r}: expected {typ.__name__}") from e
         else:
             try:
                 out[key] = yaml.safe_load(value)
             except yaml.YAMLError as e:
-                raise ConfigError(f"override --{key} {value!r}: not a valid value ({e})") from e
+                raise ConfigError(f"override --{prefix}{key} {value!r}: not a valid value ({e})") from e
     return out
 
 
@@ -224,7 +242,17 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> RunConf
         values = loaded or {}
     if overrides:
         values = _merge(values, _typed_overrides(parse_overrides(overrides), RunConfig))
-    return config_from_dict(values)
+    return expand_run_dir(config_from_dict(values))
+
+
+def expand_run_dir(cfg: RunConfig) -> RunConfig:
+    """Replace `{run_dir}` in path options, so one config serves any run folder."""
+    for section in (cfg.teacher, cfg.student, cfg.train, cfg.data):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, str) and "{run_dir}" in value:
+                setattr(section, f.name, value.replace("{run_dir}", cfg.run_dir))
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:

@@ -30,7 +30,7 @@ from clipdistill.checkpoint import (
     write_json,
 )
 from clipdistill.config import ConfigError, RunConfig, fingerprint, to_dict
-from clipdistill.data.sources import StepSampler, make_pair_source
+from clipdistill.data.sources import ShardPairs, StepSampler, make_pair_source
 from clipdistill.distributed import DistInfo, all_reduce_mean, init_distributed
 from clipdistill.methods import build_task, needs_teacher_cache
 from clipdistill.models.factory import create_student, create_teacher
@@ -199,7 +199,12 @@ def train(cfg: RunConfig) -> dict:
     model = DistributedDataParallel(task) if dist_info.world_size > 1 else task
     writer = _tensorboard(out) if tc.tensorboard and dist_info.is_main else None
     metrics = open(out / "metrics.jsonl", "a") if dist_info.is_main else None
-    batches = source.batches(sampler.schedule(start_step * tc.accum_steps, tc.steps * tc.accum_steps))
+    first_micro = start_step * tc.accum_steps
+    if isinstance(source, ShardPairs):  # streamed shards: cache rows are found by sample key
+        batches = source.stream(micro_batch // dist_info.world_size, tc.seed, dist_info.rank,
+                                dist_info.world_size, first_micro)  # fmt: skip
+    else:
+        batches = source.batches(sampler.schedule(first_micro, tc.steps * tc.accum_steps))
     skipped = 0
     progress = tqdm(
         total=tc.steps,
@@ -216,6 +221,8 @@ def train(cfg: RunConfig) -> dict:
         for micro in range(tc.accum_steps):
             batch = next(batches)
             skipped += len(batch["skipped"])
+            if dist_info.world_size > 1:
+                batch = equalize_batch(batch)
             batch = _to_device(batch, device, cache)
             sync = micro == tc.accum_steps - 1 or dist_info.world_size == 1
             with model.no_sync() if not sync else contextlib.nullcontext(), autocast_for(device, tc.amp):
@@ -289,12 +296,22 @@ def train(cfg: RunConfig) -> dict:
     return result
 
 
+def equalize_batch(batch: dict) -> dict:
+    """Trim every rank's batch to the smallest one, so gathered contrastive batches line up
+    when some rank skipped bad samples (a collective of one integer per step)."""
+    size = torch.tensor([len(batch["index"])])
+    torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MIN)
+    n = int(size)
+    return {k: (v[:n] if k != "skipped" and v is not None else v) for k, v in batch.items()}
+
+
 def _to_device(batch: dict, device: torch.device, cache: TeacherCache | None) -> dict:
     moved = {
         k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
     }
     if cache is not None:
-        image, text = cache.rows(batch["index"].cpu())
+        rows = cache.rows_of_ids(batch["id"]) if "id" in batch and cache.keyed_by_id else batch["index"].cpu()
+        image, text = cache.rows(rows)
         moved["teacher_image"], moved["teacher_text"] = image.to(device), text.to(device)
     return moved
 

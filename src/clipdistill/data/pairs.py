@@ -264,3 +264,12 @@ def _group_by_key(tar: tarfile.TarFile) -> tuple[list[tuple[str, dict[str, tarfi
     if not complete and groups:
         groups.pop()
     return groups, complete
+
+
+def count_shard_samples(path: str) -> int:
+    """Samples (distinct keys) in one tar shard, read from its headers; 0 for an unreadable shard."""
+    try:
+        with tarfile.open(path) as tar:
+            return len(_group_by_key(tar)[0])
+    except (tarfile.TarError, OSError):
+        return 0

@@ -7,6 +7,7 @@ Every source yields dicts with `image` (normalised float [B, 3, S, S]), `text` (
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -93,16 +94,88 @@ class TablePairs:
         yield from loader
 
 
+class ShardPairs:
+    """WebDataset tar shards. `embed` streams them in order (stream position = cache row); `train`
+    streams them shard-shuffled per epoch and finds each sample's cache row by its key."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Callable, preprocess: Preprocess):
+        from clipdistill.data.pairs import count_shard_samples, expand_urls
+
+        self.urls = cfg.path
+        self.transform = pil_transform(preprocess)
+        self.tokenizer = tokenizer
+        self.num_workers = cfg.num_workers
+        self._length = sum(count_shard_samples(url) for url in expand_urls(cfg.path))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _collate(self, samples: list[dict]) -> dict:
+        from clipdistill.data.pairs import collate_pairs
+
+        batch = collate_pairs(samples)
+        batch["text"] = self.tokenizer(batch["text"]) if batch.get("text") else None
+        return batch
+
+    def batches(self, index_lists: Iterable[np.ndarray]) -> Iterator[dict]:
+        """Consecutive rows only (what `embed` asks for): one ordered stream, no workers."""
+        from clipdistill.data.pairs import WebDatasetPairs
+
+        lists = [np.asarray(rows) for rows in index_lists]
+        if not lists:
+            return
+        flat = np.concatenate(lists)
+        if not np.array_equal(flat, np.arange(flat[0], flat[0] + len(flat))):
+            raise ValueError("WebDataset shards are read in order: ask for consecutive rows")
+        stream = iter(WebDatasetPairs(self.urls, self.transform, skip=int(flat[0])))
+        for rows in lists:  # a stream shorter than counted (a cut shard) leaves its rows invalid
+            samples = list(itertools.islice(stream, len(rows)))
+            if samples:
+                yield self._collate(samples)
+
+    def stream(
+        self, local_batch: int, seed: int, rank: int, world_size: int, start_step: int
+    ) -> Iterator[dict]:
+        """Training batches: shards shuffled per epoch, split across ranks; resumes by skipping samples."""
+        from clipdistill.data.pairs import WebDatasetPairs
+
+        epoch, skip = 0, start_step * local_batch
+        while True:
+            dataset = WebDatasetPairs(
+                self.urls,
+                self.transform,
+                rank=rank,
+                world_size=world_size,
+                shuffle_shards=True,
+                seed=seed,
+                epoch=epoch,
+                skip=skip,
+            )
+            loader = DataLoader(
+                dataset,
+                batch_size=local_batch,
+                collate_fn=self._collate,
+                num_workers=self.num_workers,
+                drop_last=True,
+            )
+            produced = 0
+            for batch in loader:
+                produced += 1
+                yield batch
+            if produced == 0 and skip == 0:
+                raise ValueError(f"no full batch of {local_batch} samples in {self.urls} for rank {rank}")
+            epoch, skip = epoch + 1, 0
+
+
 def make_pair_source(cfg: DataConfig, tokenizer: Callable, preprocess: Preprocess, split: str = "train"):
     """The random-access pair source for `cfg` (the lab's `split`, or a table of files)."""
     if cfg.kind == "lab":
         return LabPairs(getattr(load_lab(cfg), split), tokenizer, preprocess)
     if cfg.kind == "csv":
         return TablePairs(cfg, tokenizer, preprocess)
-    raise ValueError(
-        f"data.kind {cfg.kind!r} has no random-access source; use lab or csv "
-        "(WebDataset shards stream through `embed`; see the README)"
-    )
+    if cfg.kind == "webdataset":
+        return ShardPairs(cfg, tokenizer, preprocess)
+    raise ValueError(f"unknown data.kind {cfg.kind!r}; use lab, csv (csv/tsv/parquet) or webdataset")
 
 
 class StepSampler:

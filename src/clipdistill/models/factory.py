@@ -171,12 +171,16 @@ def create_model(cfg: ModelConfig) -> LoadedModel:
             if not Path(pretrained).is_file():
                 raise ModelLoadError(f"checkpoint {pretrained} does not exist (did its training stage run?)")
             state = load_state_dict(pretrained)
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if missing or unexpected:
+            own = model.state_dict()
+            missing = [k for k in own if k not in state]
+            unexpected = [k for k in state if k not in own]
+            wrong_shape = [k for k in state if k in own and state[k].shape != own[k].shape]
+            if missing or unexpected or wrong_shape:
                 raise ModelLoadError(
-                    f"checkpoint {pretrained} does not fit model {cfg.name}: "
-                    f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
+                    f"checkpoint {pretrained} does not fit model {cfg.name}: missing {missing[:5]}, "
+                    f"unexpected {unexpected[:5]}, other shape {wrong_shape[:5]}"
                 )
+            model.load_state_dict(state)
     if cfg.lock_text:
         lock_text_tower(model)
     model_id = f"{cfg.name}@{Path(pretrained).name if pretrained else 'init'}"

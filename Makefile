@@ -1,0 +1,37 @@
+# Quick start: `make demo` (the Fashion-MNIST lab end to end) and `make test`. Each installs what it needs.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_VERBOSITY := error
+
+.PHONY: deps demo test lint bench clean-demo
+
+$(STAMP): requirements.txt pyproject.toml
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+$(FASHION_MNIST):
+	$(SUDO) apt-get update -q
+	$(SUDO) apt-get install -y -q dataset-fashion-mnist
+
+deps: $(STAMP) $(FASHION_MNIST)
+
+demo: deps
+	$(BIN)/clipdistill demo --config configs/lab.yaml
+
+test: deps
+	$(BIN)/ruff check src tests
+	$(BIN)/pytest tests
+
+lint: deps
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+clean-demo:
+	rm -rf runs/demo

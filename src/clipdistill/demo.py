@@ -1,0 +1,126 @@
+"""The lab end to end: train the teacher, cache it, train each row's student per seed, evaluate, tabulate.
+
+Every step is a normal stage run and is reused when its outputs exist, so a second `make demo`
+only re-reads results, and a killed one continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from pathlib import Path
+
+from clipdistill.checkpoint import read_json, write_json
+from clipdistill.config import RunConfig, fingerprint, to_dict
+from clipdistill.embed import run_embed
+from clipdistill.evaluate.run import run_eval
+from clipdistill.train import train
+
+# Row name -> training overrides (method and, for ablations, its settings). Methods add theirs.
+ROWS: dict[str, dict] = {
+    "no_kd": {"method": "clip"},
+}
+METRICS = (
+    "params",
+    "zeroshot_top1",
+    "linear_probe_top1",
+    "retrieval_i2t_r1",
+    "retrieval_t2i_r1",
+    "train_seconds",
+)
+
+
+def _with_train(cfg: RunConfig, **train_values) -> RunConfig:
+    out = copy.deepcopy(cfg)
+    for key, value in train_values.items():
+        setattr(out.train, key, value)
+    return out
+
+
+def _evaluated(cfg: RunConfig, name: str) -> dict:
+    """Eval metrics of train folder `name`, reused while the model and eval settings are unchanged."""
+    folder = Path(cfg.run_dir) / name
+    key = fingerprint({"done": read_json(folder / "done.json"), "eval": to_dict(cfg.eval)})
+    cached = folder / "eval.json"
+    if cached.is_file() and read_json(cached).get("eval_fingerprint") == key:
+        metrics = read_json(cached)
+    else:
+        metrics = run_eval(_with_train(cfg, name=name)) | {"eval_fingerprint": key}
+        write_json(cached, metrics)
+    return metrics | {"train_seconds": read_json(folder / "done.json")["train_seconds"]}
+
+
+def train_teacher(cfg: RunConfig) -> dict:
+    teacher_cfg = _with_train(
+        cfg,
+        role="teacher",
+        method="clip",
+        name="teacher",
+        steps=cfg.lab.teacher_steps,
+        lr=cfg.lab.teacher_lr,
+        seed=0,
+    )
+    teacher_cfg.teacher.pretrained = ""  # trained from scratch here (the text tower is pretrained)
+    return train(teacher_cfg)
+
+
+def summarize(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
+
+
+def run_rows(cfg: RunConfig) -> dict[str, dict]:
+    """Train and evaluate every configured row for every seed; returns per-row metric summaries."""
+    results = {"teacher": {m: summarize([_evaluated(cfg, "teacher")[m]]) for m in METRICS}}
+    for row in cfg.lab.rows:
+        if row not in ROWS:
+            raise ValueError(f"unknown lab row {row!r}; known rows: {sorted(ROWS)}")
+        per_seed = []
+        for seed in cfg.lab.seeds:
+            name = row if len(cfg.lab.seeds) == 1 else f"{row}_seed{seed}"
+            run_cfg = _with_train(cfg, name=name, seed=seed, role="student", **ROWS[row])
+            train(run_cfg)
+            per_seed.append(_evaluated(run_cfg, name))
+        results[row] = {m: summarize([float(s[m]) for s in per_seed]) for m in METRICS if m in per_seed[0]}
+    return results
+
+
+def format_table(results: dict[str, dict]) -> str:
+    columns = [m for m in METRICS if any(m in r for r in results.values())]
+    lines = ["| row | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, row in results.items():
+        cells = []
+        for m in columns:
+            if m not in row:
+                cells.append("")
+            elif m == "params":
+                cells.append(f"{row[m]['mean'] / 1e6:.2f}M")
+            elif len(row[m]["values"]) > 1:
+                cells.append(f"{row[m]['mean']:.2f} ± {row[m]['std']:.2f}")
+            else:
+                cells.append(f"{row[m]['mean']:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_demo(cfg: RunConfig) -> dict:
+    """Teacher -> embed -> students -> eval -> `<run_dir>/results.json` (DESIGN section 7 schema)."""
+    start = time.time()
+    stage_seconds = {}
+    tick = time.time()
+    train_teacher(cfg)
+    stage_seconds["teacher"] = round(time.time() - tick, 1)
+    tick = time.time()
+    run_embed(cfg)
+    stage_seconds["embed"] = round(time.time() - tick, 1)
+    results = run_rows(cfg)
+    stage_seconds["students_and_eval"] = round(time.time() - tick - stage_seconds["embed"], 1)
+    report = {"results": results, "config": to_dict(cfg), "stage_seconds": stage_seconds}
+    write_json(Path(cfg.run_dir) / cfg.lab.results, report)
+    print(format_table(results))
+    print(f"wrote {Path(cfg.run_dir) / cfg.lab.results} in {time.time() - start:.0f} s")
+    return {"results": str(Path(cfg.run_dir) / cfg.lab.results), "stage_seconds": stage_seconds}

@@ -1,0 +1,117 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import needs_lab
+
+from clipdistill.config import ConfigError, RunConfig, config_from_dict, fingerprint, load_config, to_dict
+from clipdistill.train import train
+
+
+def test_defaults_without_a_file():
+    cfg = load_config(None)
+    assert cfg == RunConfig()
+    assert cfg.teacher.name == "lab-teacher" and cfg.teacher.lock_text is True
+
+
+def test_yaml_file_and_overrides_are_typed(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("run_dir: runs/x\ntrain:\n  steps: 10\n  lr: 1.0e-2\n  amp: true\ndata:\n  val_size: 7\n")
+
+    cfg = load_config(str(path), ["--train.lr", "1e-3", "--train.amp", "false", "--train.steps", "20"])
+
+    assert cfg.run_dir == "runs/x"
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
+    assert cfg.train.amp is False
+    assert cfg.train.steps == 20 and isinstance(cfg.train.steps, int)
+    assert cfg.data.val_size == 7  # from the file, untouched by the overrides
+    assert cfg.train.batch_size == RunConfig().train.batch_size  # a default
+
+
+def test_yaml_float_in_exponent_notation(tmp_path):
+    # PyYAML reads `1e-3` (no dot) as a string; a float field still takes it
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  weight_decay: 5\n")
+    cfg = load_config(str(path))
+    assert cfg.train.lr == 1e-3
+    assert cfg.train.weight_decay == 5.0 and isinstance(cfg.train.weight_decay, float)
+
+
+def test_string_overrides_stay_verbatim():
+    cfg = load_config(None, ["--train.name", "123", "--student.pretrained", "true"])
+    assert cfg.train.name == "123"
+    assert cfg.student.pretrained == "true"
+
+
+def test_nested_override_keeps_the_parent_defaults(tmp_path):
+    cfg = load_config(None, ["--teacher.pretrained", "x.safetensors"])
+    assert cfg.teacher.pretrained == "x.safetensors"
+    assert cfg.teacher.name == "lab-teacher"
+    assert cfg.teacher.lock_text is True
+
+    path = tmp_path / "run.yaml"
+    path.write_text("teacher:\n  precision: bf16\n")
+    cfg = load_config(str(path))
+    assert cfg.teacher.name == "lab-teacher" and cfg.teacher.precision == "bf16"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--train.stepz", "3"], "unknown key(s) ['stepz']"),
+        (["--nosection.key", "3"], "unknown key(s) ['nosection']"),
+        (["--train.steps", "many"], "--train.steps 'many': expected int"),
+        (["--train.steps", "1.5"], "--train.steps '1.5': expected int"),
+        (["--train.lr", "fast"], "--train.lr 'fast': expected float"),
+        (["--train.amp", "maybe"], "train.amp: expected true or false"),
+        (["--train.amp", "1"], "train.amp: expected true or false"),
+        (["--train", "3"], "train: expected a mapping"),
+        (["--train.steps"], "expected pairs"),
+        (["train.steps", "3"], "expected `--section.key value`"),
+    ],
+)
+def test_bad_overrides_are_one_clear_error(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train:\n  steps: ten\n", "train.steps: expected int, got 'ten'"),
+        ("train:\n  amp: 1\n", "train.amp: expected true or false"),
+        ("data:\n  kindd: lab\n", "data: unknown key(s) ['kindd']"),
+        ("teacher: lab-teacher\n", "teacher: expected a mapping"),
+        ("- a\n- b\n", "expected a mapping at the top level"),
+        ("train: [unclosed\n", "is not valid YAML"),
+    ],
+)
+def test_bad_files_are_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert message in str(info.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_dict_roundtrip_and_fingerprint():
+    cfg = load_config(None, ["--train.lr", "1e-3"])
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(to_dict(cfg)))) == cfg
+    assert fingerprint(cfg) == fingerprint(to_dict(cfg))
+    assert fingerprint(cfg) != fingerprint(load_config(None, ["--train.lr", "2e-3"]))
+
+
+@needs_lab
+def test_train_writes_the_resolved_config(tiny_config):
+    cfg = tiny_config("--train.lr", "1e-3", "--train.steps", "1")
+    train(cfg)
+
+    written = yaml.safe_load((Path(cfg.run_dir) / "clip" / "config.yaml").read_text())
+    assert config_from_dict(written) == cfg
+    assert written["train"]["lr"] == 1e-3 and written["teacher"]["name"] == "lab-student-tiny"
