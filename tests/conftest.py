@@ -9,8 +9,15 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# One thread, here and in the CLI subprocesses the tests start: on the 2 shared cores the tests get, the
+# small ops of tiny models run several times faster than with threads contending, and a subprocess's
+# numbers match an in-process run's bit for bit.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 from clipdistill.config import RunConfig, load_config  # noqa: E402
 from clipdistill.data.lab import DEBIAN_DIR  # noqa: E402

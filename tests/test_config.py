@@ -2,10 +2,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import needs_lab
 
 from clipdistill.config import ConfigError, RunConfig, config_from_dict, fingerprint, load_config, to_dict
 from clipdistill.train import train
+from conftest import needs_lab
 
 
 def test_defaults_without_a_file():

@@ -177,6 +177,8 @@ def build_cache(
             )
     else:
         write_json(meta_path, meta.__dict__)
+    for stale in folder.glob(".*.tmp"):  # half-written files of a killed run (see atomic_path)
+        stale.unlink()
     todo = [s for s in range(meta.num_shards) if not (folder / f"shard_{s:05d}.json").is_file()]
     start, skipped = time.time(), 0
     progress = tqdm(

@@ -17,6 +17,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 STAGES = {
     "embed": "compute the teacher cache (image + text embeddings of every training sample)",
+    "balance": "image semantic balance of the cache: kept ids (perceptual + semantic dedup)",
+    "cluster": "k-means on the cached teacher embeddings: centroids and labels for cid",
     "train": "train a model with a method (clip, and the distillation recipes)",
     "eval": "zero-shot, linear probe and retrieval of a trained model",
     "demo": "the whole lab end to end: teacher, cache, students, evaluation, results table",
@@ -28,6 +30,10 @@ def _run_stage(stage: str, cfg: RunConfig) -> dict:
         from clipdistill.embed import run_embed
 
         return run_embed(cfg)
+    if stage in ("balance", "cluster"):
+        from clipdistill.curate.stages import run_balance, run_cluster
+
+        return run_balance(cfg) if stage == "balance" else run_cluster(cfg)
     if stage == "train":
         from clipdistill.train import train
 

@@ -80,7 +80,73 @@ class EvalConfig:
     batch_size: int = 512
     linear_probe_train: int = 10000  # train images used to fit the probe
     retrieval_size: int = 1000  # test images (and their captions) in the retrieval gallery
+    protocol: str = "standard"  # standard | base_to_novel | domain | all
     device: str = "auto"
+
+
+@dataclass
+class CidConfig:
+    """CLIP-CID (DESIGN 3): loss weights, the margin softmax over cluster prototypes, InfoNCE."""
+
+    lambda_cd: float = 1.0  # cluster discrimination weight (0 = off)
+    lambda_id: float = 1.0  # instance discrimination weight (0 = off)
+    scale: float = 32.0
+    margin: float = 0.2
+    learnable_prototypes: bool = False
+    sample_rate: float = 1.0  # PartialFC: fraction of prototypes scored per step
+    shard: bool = False  # shard prototypes across ranks
+    temperature: float = 0.07
+    clusters: str = "cluster"  # folder under the run dir written by `cluster`
+
+
+@dataclass
+class ComkdConfig:
+    """ComKD-CLIP (DESIGN 4): stage 1 prompt tuning of the teacher, stage 2 distillation."""
+
+    n_ctx: int = 4  # learnable text context tokens (CoOp), class name after them
+    vpt_depth: int = 0  # deep visual prompts: not implemented yet, must stay 0
+    vpt_tokens: int = 0
+    base_fraction: float = 0.5  # share of classes that are "base" (labeled in stage 1)
+    split_seed: int = 0
+    attention_scale: float = 1.0  # C in EduAttention
+    temperature: float = 1.0  # T of the refinement KL
+    logit_scale: float = 100.0  # τ⁻¹
+    lambda_kd: float = 1.0
+    lambda_align: float = 1.0
+    use_ifalign: bool = True
+    use_eduattention: bool = True
+    prompt_teacher: str = "prompt_teacher"  # stage-1 folder under the run dir (prompts + text bank)
+
+
+@dataclass
+class BalanceConfig:
+    """Image semantic balance (DESIGN 3.1) over the teacher cache."""
+
+    tau_p: float = 0.98  # perceptual pass: cosine at which two images count as the same
+    n_clusters: int = 100
+    tau_s: float = 0.9  # semantic pass: cosine above which a cluster member is dropped
+    keep_ratio: float = 0.0  # 0 = use tau_s; else search tau_s to keep this fraction (within 1%)
+    seed: int = 0
+
+
+@dataclass
+class ClusterConfig:
+    """k-means over teacher embeddings: the centroids and labels of cluster discrimination."""
+
+    n_clusters: int = 100
+    use_text: bool = False  # cluster image+text concatenated
+    niter: int = 20
+    subset: str = ""  # kept-ids .npy from balance (relative to the run dir); "" = all valid samples
+    seed: int = 0
+
+
+@dataclass
+class DistillConfig:
+    """The baselines (DESIGN 5): L = L_clip + weight * L_kd (openclip_distill already holds L_clip)."""
+
+    weight: float = 1.0  # lambda of the distillation term (0 = plain CLIP)
+    teacher_logit_scale: float = 100.0  # not in the cache: CLIP's trained value
+    crd_temperature: float = 1.0  # softens both similarity distributions in crd
 
 
 @dataclass
@@ -104,6 +170,11 @@ class RunConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lab: LabConfig = field(default_factory=LabConfig)
+    cid: CidConfig = field(default_factory=CidConfig)
+    comkd: ComkdConfig = field(default_factory=ComkdConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -13,13 +13,24 @@ from pathlib import Path
 
 from clipdistill.checkpoint import read_json, write_json
 from clipdistill.config import RunConfig, fingerprint, to_dict
+from clipdistill.curate.stages import run_balance, run_cluster
 from clipdistill.embed import run_embed
 from clipdistill.evaluate.run import run_eval
 from clipdistill.train import train
 
-# Row name -> training overrides (method and, for ablations, its settings). Methods add theirs.
+# Row name -> config overrides as dotted `section.key` (method and, for ablations, its settings).
 ROWS: dict[str, dict] = {
-    "no_kd": {"method": "clip"},
+    "no_kd": {"train.method": "clip"},
+    "cid": {"train.method": "cid"},
+    "cid_no_cluster": {"train.method": "cid", "cid.lambda_cd": 0.0},
+    "cid_no_instance": {"train.method": "cid", "cid.lambda_id": 0.0},
+    "cid_balanced": {"train.method": "cid", "train.subset": "balance/kept.npy"},
+    "cid_random_subset": {"train.method": "cid", "train.subset": "balance/random.npy"},
+    "fd": {"train.method": "fd"},
+    "crd": {"train.method": "crd"},
+    "icl": {"train.method": "icl"},
+    "tinyclip_affinity": {"train.method": "tinyclip_affinity"},
+    "openclip_distill": {"train.method": "openclip_distill"},
 }
 METRICS = (
     "params",
@@ -32,10 +43,24 @@ METRICS = (
 
 
 def _with_train(cfg: RunConfig, **train_values) -> RunConfig:
+    return _with_overrides(cfg, {f"train.{key}": value for key, value in train_values.items()})
+
+
+def _with_overrides(cfg: RunConfig, values: dict) -> RunConfig:
+    """A copy of `cfg` with dotted `section.key` values set (a bare key is a train field)."""
     out = copy.deepcopy(cfg)
-    for key, value in train_values.items():
-        setattr(out.train, key, value)
+    for key, value in values.items():
+        section, _, name = key.rpartition(".")
+        target = getattr(out, section or "train")
+        if not hasattr(target, name):
+            raise ValueError(f"lab row override {key!r}: no such config field")
+        setattr(target, name, value)
     return out
+
+
+def _needs_clusters(cfg: RunConfig) -> bool:
+    """Whether a configured row trains CLIP-CID (then `balance` and `cluster` run after `embed`)."""
+    return any(ROWS.get(row, {}).get("train.method") == "cid" for row in cfg.lab.rows)
 
 
 def _evaluated(cfg: RunConfig, name: str) -> dict:
@@ -82,7 +107,7 @@ def run_rows(cfg: RunConfig) -> dict[str, dict]:
         per_seed = []
         for seed in cfg.lab.seeds:
             name = row if len(cfg.lab.seeds) == 1 else f"{row}_seed{seed}"
-            run_cfg = _with_train(cfg, name=name, seed=seed, role="student", **ROWS[row])
+            run_cfg = _with_overrides(_with_train(cfg, name=name, seed=seed, role="student"), ROWS[row])
             train(run_cfg)
             per_seed.append(_evaluated(run_cfg, name))
         results[row] = {m: summarize([float(s[m]) for s in per_seed]) for m in METRICS if m in per_seed[0]}
@@ -117,8 +142,14 @@ def run_demo(cfg: RunConfig) -> dict:
     tick = time.time()
     run_embed(cfg)
     stage_seconds["embed"] = round(time.time() - tick, 1)
+    if _needs_clusters(cfg):
+        tick = time.time()
+        run_balance(cfg)
+        run_cluster(cfg)
+        stage_seconds["balance_and_cluster"] = round(time.time() - tick, 1)
+    tick = time.time()
     results = run_rows(cfg)
-    stage_seconds["students_and_eval"] = round(time.time() - tick - stage_seconds["embed"], 1)
+    stage_seconds["students_and_eval"] = round(time.time() - tick, 1)
     report = {"results": results, "config": to_dict(cfg), "stage_seconds": stage_seconds}
     write_json(Path(cfg.run_dir) / cfg.lab.results, report)
     print(format_table(results))

@@ -27,7 +27,8 @@ def init_distributed(device: torch.device) -> DistInfo:
     if world_size == 1:
         return DistInfo()
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # gloo serves the CPU tensors (logged values, batch sizes) that NCCL alone would reject
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 

@@ -8,8 +8,10 @@ optimizer, scheduler, RNG and step, loadable with weights_only=True), and when f
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from tqdm import tqdm
 
 from clipdistill.cache import TeacherCache
 from clipdistill.checkpoint import (
+    atomic_write,
     read_json,
     safe_torch_load,
     save_state_dict,
@@ -94,12 +97,44 @@ def autocast_for(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
 
 
-def training_fingerprint(cfg: RunConfig) -> str:
-    values = to_dict(cfg)
+def _fingerprinted(values: dict) -> dict:
+    """The settings a training result depends on: not logging, evaluation or the demo's plan (`lab`)."""
+    values = copy.deepcopy(values)
     for key in RESUME_FREE_KEYS:
-        values["train"].pop(key)
-    values["eval"] = None
-    return fingerprint(values)
+        values["train"].pop(key, None)
+    values.pop("eval", None)
+    values.pop("lab", None)
+    return values
+
+
+def training_fingerprint(cfg: RunConfig) -> str:
+    return fingerprint(_fingerprinted(to_dict(cfg)))
+
+
+def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`section.key old -> new` for every setting that differs."""
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return out
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Keep the metrics of the steps up to the checkpoint: a resumed run logs the later ones again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a line cut short by kill -9
+    atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))
 
 
 def _rng_state() -> dict:
@@ -158,9 +193,26 @@ def train(cfg: RunConfig) -> dict:
             f"train.batch_size {tc.batch_size} must divide by accum_steps x world size "
             f"({tc.accum_steps} x {dist_info.world_size})"
         )
+    if tc.resume not in ("auto", "never"):
+        raise ConfigError(f"train.resume must be auto or never, not {tc.resume!r}")
+    ckpt_path = out / "checkpoint.pt"
+    run_fp = training_fingerprint(cfg)
+    state = None
+    if ckpt_path.is_file() and tc.resume == "auto":
+        state = safe_torch_load(ckpt_path)  # checked before any work is done
+        if state["fingerprint"] != run_fp:
+            old = state.get("config")
+            changed = _changes(_fingerprinted(old), _fingerprinted(to_dict(cfg))) if old else []
+            what = "; ".join(changed[:8]) or f"see {out / 'config.yaml'}"
+            raise ConfigError(
+                f"{ckpt_path} was written with another config ({what}); "
+                "resuming would mix two runs. Use the same config, another --train.name, "
+                "or --train.resume never"
+            )
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     if tc.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses determinism without it
         torch.use_deterministic_algorithms(True)
 
     loaded = load_model_for(cfg)
@@ -177,16 +229,7 @@ def train(cfg: RunConfig) -> dict:
     optimizer = torch.optim.AdamW(param_groups(task, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(tc.warmup_steps, tc.steps))
     start_step, elapsed = 0, 0.0
-    ckpt_path = out / "checkpoint.pt"
-    run_fp = training_fingerprint(cfg)
-    if ckpt_path.is_file() and tc.resume == "auto":
-        state = safe_torch_load(ckpt_path)
-        if state["fingerprint"] != run_fp:
-            raise ConfigError(
-                f"{ckpt_path} was written with another config (see {out / 'config.yaml'}); "
-                "resuming would mix two runs. Use the same config, another --train.name, "
-                "or --train.resume never"
-            )
+    if state is not None:
         task.load_state_dict(state["task"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -195,6 +238,7 @@ def train(cfg: RunConfig) -> dict:
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        _trim_metrics(out / "metrics.jsonl", start_step)
 
     model = DistributedDataParallel(task) if dist_info.world_size > 1 else task
     writer = _tensorboard(out) if tc.tensorboard and dist_info.is_main else None
@@ -230,7 +274,7 @@ def train(cfg: RunConfig) -> dict:
                 loss = parts["loss"] / tc.accum_steps
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {step}: lower --train.lr, keep --train.grad_clip on, "
+                    f"loss is {loss.item()} at step {step + 1}: lower --train.lr, keep --train.grad_clip on, "
                     f"and resume from the last good checkpoint in {ckpt_path}"
                 )
             loss.backward()
@@ -238,6 +282,7 @@ def train(cfg: RunConfig) -> dict:
                 parts_sum[key] = parts_sum.get(key, 0.0) + float(value.detach()) / tc.accum_steps
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(task.parameters(), tc.grad_clip)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -248,7 +293,7 @@ def train(cfg: RunConfig) -> dict:
             elapsed += now - tick
             tick = now
             record = {k: float(all_reduce_mean(torch.tensor(v))) for k, v in parts_sum.items()}
-            record |= {"step": done_steps, "lr": scheduler.get_last_lr()[0], "elapsed": round(elapsed, 2)}
+            record |= {"step": done_steps, "lr": lr, "elapsed": round(elapsed, 2)}
             if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
@@ -270,6 +315,7 @@ def train(cfg: RunConfig) -> dict:
                         "step": done_steps,
                         "elapsed": elapsed,
                         "fingerprint": run_fp,
+                        "config": to_dict(cfg),
                     },
                     ckpt_path,
                 )
@@ -313,6 +359,7 @@ def _to_device(batch: dict, device: torch.device, cache: TeacherCache | None) ->
         rows = cache.rows_of_ids(batch["id"]) if "id" in batch and cache.keyed_by_id else batch["index"].cpu()
         image, text = cache.rows(rows)
         moved["teacher_image"], moved["teacher_text"] = image.to(device), text.to(device)
+        moved["cache_row"] = torch.as_tensor(rows)  # streamed samples: not the same as "index"
     return moved
 
 

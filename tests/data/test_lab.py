@@ -3,7 +3,6 @@ import gzip
 import numpy as np
 import pytest
 import torch
-from conftest import needs_lab
 
 from clipdistill.config import DataConfig
 from clipdistill.data.lab import (
@@ -17,6 +16,7 @@ from clipdistill.data.lab import (
     read_idx,
     to_pixels,
 )
+from conftest import needs_lab
 
 
 @pytest.fixture(scope="module")

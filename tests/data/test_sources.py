@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 import torch
-from conftest import needs_lab
 
 from clipdistill.config import DataConfig, ModelConfig
 from clipdistill.data.sources import StepSampler, make_pair_source
 from clipdistill.models.factory import create_model
+from conftest import needs_lab
 
 POOL = np.arange(1000, 1096)[::-1].copy()  # sample ids need not be 0..n-1 or sorted
 
@@ -70,5 +70,5 @@ def test_lab_pairs_batches():
 
 def test_unknown_kind_is_refused():
     loaded = create_model(ModelConfig(name="lab-student-tiny"))
-    with pytest.raises(ValueError, match="no random-access source"):
-        make_pair_source(DataConfig(kind="webdataset"), loaded.tokenizer, loaded.preprocess)
+    with pytest.raises(ValueError, match="unknown data.kind 'hdf5'"):
+        make_pair_source(DataConfig(kind="hdf5"), loaded.tokenizer, loaded.preprocess)

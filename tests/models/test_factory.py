@@ -64,7 +64,9 @@ def test_local_safetensors_checkpoint(tmp_path):
         trained.model.visual.proj.mul_(-2)
     save_state_dict(trained.model.state_dict(), tmp_path / "model.safetensors")
 
-    loaded = create_model(ModelConfig(name="lab-student-tiny", pretrained=str(tmp_path / "model.safetensors")))
+    loaded = create_model(
+        ModelConfig(name="lab-student-tiny", pretrained=str(tmp_path / "model.safetensors"))
+    )
     _assert_same_outputs(loaded, trained)
     assert loaded.model.logit_scale.item() == 1.5
     assert loaded.weights_hash() == trained.weights_hash() != _tiny().weights_hash()

@@ -12,6 +12,8 @@ from torch import nn
 
 from clipdistill.cache import TeacherCache
 from clipdistill.config import ConfigError, RunConfig
+from clipdistill.methods.baselines import BASELINES, baseline_builder
+from clipdistill.methods.cid import build_cid
 from clipdistill.methods.clip import ClipTask
 
 Builder = Callable[[RunConfig, nn.Module, TeacherCache | None], nn.Module]
@@ -19,6 +21,8 @@ Builder = Callable[[RunConfig, nn.Module, TeacherCache | None], nn.Module]
 # name -> (builder, needs the teacher cache)
 METHODS: dict[str, tuple[Builder, bool]] = {
     "clip": (lambda cfg, model, cache: ClipTask(model), False),
+    "cid": (build_cid, True),
+    **{kind: (baseline_builder(kind), True) for kind in BASELINES},
 }
 
 

@@ -1,0 +1,149 @@
+"""The `balance` and `cluster` stages: curation over the teacher cache, written next to it.
+
+Both read `<run_dir>/cache` through memory-mapped views (never the whole matrix), write their
+outputs atomically with `report.json` last, and are skipped when that report carries the same
+settings fingerprint, so rerunning a pipeline only redoes what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipdistill.cache import TeacherCache
+from clipdistill.checkpoint import atomic_write, read_json, write_json
+from clipdistill.config import ConfigError, RunConfig, fingerprint, to_dict
+from clipdistill.curate.balance import (
+    cluster_size_histogram_png,
+    perceptual_dedup,
+    search_tau_for_keep_ratio,
+    semantic_dedup,
+)
+from clipdistill.curate.cluster import concat_image_text, kmeans_centroids
+
+
+class CacheView:
+    """One half (image or text) of the cache's embeddings as a lazy array: rows are read from
+    the memory-mapped shards on indexing, so curation never holds the whole cache."""
+
+    def __init__(self, cache: TeacherCache, part: str = "image") -> None:
+        self.cache, self.part = cache, part
+        dim = cache.meta.image_dim if part == "image" else cache.meta.text_dim
+        self.shape = (len(cache), dim)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(len(self)))
+        image, text = self.cache.rows(np.asarray(rows, dtype=np.int64))
+        return (image if self.part == "image" else text).numpy()
+
+
+def _cache(cfg: RunConfig) -> TeacherCache:
+    return TeacherCache(Path(cfg.run_dir) / "cache")
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a bare path
+            np.save(f, array, allow_pickle=False)
+
+    atomic_write(path, write)
+
+
+def _reusable(folder: Path, key: str) -> dict | None:
+    """The stored report when the stage already ran with these settings."""
+    report = folder / "report.json"
+    if report.is_file() and read_json(report).get("fingerprint") == key:
+        return read_json(report)
+    return None
+
+
+def run_balance(cfg: RunConfig) -> dict:
+    """Perceptual then semantic dedup of the cache's image embeddings -> `<run_dir>/balance/`."""
+    bc = cfg.balance
+    cache = _cache(cfg)
+    folder = Path(cfg.run_dir) / "balance"
+    key = fingerprint({"balance": to_dict(bc), "cache": cache.meta.fingerprint})
+    if (done := _reusable(folder, key)) is not None:
+        return done
+    images = CacheView(cache)
+    valid = cache.valid.copy()
+    after_perceptual = perceptual_dedup(images, keep_mask=valid, tau_p=bc.tau_p)
+    if after_perceptual.sum() < bc.n_clusters:
+        raise ValueError(
+            f"the perceptual pass (tau_p {bc.tau_p}) left {int(after_perceptual.sum())} samples, fewer than "
+            f"balance.n_clusters {bc.n_clusters}: raise --balance.tau_p or lower --balance.n_clusters"
+        )
+    kept_mask, cluster_of = semantic_dedup(images, after_perceptual, bc.n_clusters, bc.tau_s, seed=bc.seed)
+    tau = bc.tau_s
+    if bc.keep_ratio > 0:
+        tau, kept_mask = search_tau_for_keep_ratio(images, after_perceptual, cluster_of, bc.keep_ratio)
+    kept = np.flatnonzero(kept_mask).astype(np.int64)
+    rng = np.random.default_rng(bc.seed)
+    random = np.sort(rng.choice(np.flatnonzero(valid), size=len(kept), replace=False)).astype(np.int64)
+    _save_npy(folder / "kept.npy", kept)
+    _save_npy(folder / "random.npy", random)
+    atomic_write(
+        folder / "cluster_sizes.png",
+        lambda tmp: cluster_size_histogram_png(cluster_of, valid, kept_mask, tmp),
+    )
+    report = {
+        "fingerprint": key,
+        "num_samples": len(cache),
+        "valid_samples": int(valid.sum()),
+        "removed_perceptual": int(valid.sum() - after_perceptual.sum()),
+        "removed_semantic": int(after_perceptual.sum() - kept_mask.sum()),
+        "kept": len(kept),
+        "kept_ratio": len(kept) / len(cache),
+        "tau_s": float(tau),
+    }
+    write_json(folder / "report.json", report)
+    return report
+
+
+def _subset_mask(cfg: RunConfig, cache: TeacherCache) -> tuple[np.ndarray, str]:
+    """Rows to cluster (valid, within the optional kept-ids file) and a hash of that file."""
+    mask = cache.valid.copy()
+    if not cfg.cluster.subset:
+        return mask, ""
+    path = Path(cfg.cluster.subset)
+    path = path if path.is_absolute() else Path(cfg.run_dir) / path
+    if not path.is_file():
+        raise ConfigError(f"cluster.subset {path} does not exist (run `clipdistill balance` first)")
+    ids = np.load(path, allow_pickle=False)
+    return mask & np.isin(np.arange(len(cache)), ids), hashlib.sha256(ids.tobytes()).hexdigest()[:16]
+
+
+def run_cluster(cfg: RunConfig) -> dict:
+    """Spherical k-means over the cache -> `<run_dir>/cluster/` centroids.npy and labels.npy."""
+    cc = cfg.cluster
+    cache = _cache(cfg)
+    folder = Path(cfg.run_dir) / "cluster"
+    mask, subset_hash = _subset_mask(cfg, cache)
+    key = fingerprint({"cluster": to_dict(cc), "cache": cache.meta.fingerprint, "subset": subset_hash})
+    if (done := _reusable(folder, key)) is not None:
+        return done
+    embeddings: Any = CacheView(cache)
+    if cc.use_text:
+        embeddings = concat_image_text(embeddings, CacheView(cache, "text"))
+    centroids, labels = kmeans_centroids(embeddings, cc.n_clusters, seed=cc.seed, niter=cc.niter, mask=mask)
+    labels = np.where(mask, labels, -1).astype(np.int64)
+    _save_npy(folder / "centroids.npy", centroids.astype(np.float32))
+    _save_npy(folder / "labels.npy", labels)
+    sizes = np.bincount(labels[mask], minlength=cc.n_clusters)
+    report = {
+        "fingerprint": key,
+        "n_clusters": cc.n_clusters,
+        "clustered_samples": int(mask.sum()),
+        "dim": int(centroids.shape[1]),
+        "largest_cluster": int(sizes.max()),
+        "empty_clusters": int((sizes == 0).sum()),
+    }
+    write_json(folder / "report.json", report)
+    return report

@@ -1,0 +1,122 @@
+"""CLIP-CID (DESIGN 3): the student's CLIP loss plus cluster and instance discrimination.
+
+Everything teacher-side comes from disk: the cached teacher rows in each batch and the k-means
+centroids and labels written by `clipdistill cluster`. The teacher model never runs here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipdistill.config import CidConfig, ConfigError, RunConfig
+from clipdistill.losses.baselines import Projection
+from clipdistill.losses.cid import ClusterDiscriminationLoss, InstanceDiscriminationLoss
+from clipdistill.methods.clip import ClipTask
+
+
+class CidTask(ClipTask):
+    """L = L_clip + λ_cd·L_cd + λ_id·L_id; a λ of 0 skips its term (reported as 0).
+
+    Only the modules a term uses are built, so DDP never meets a parameter without a gradient.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cache_dims: tuple[int, int],
+        centroids: torch.Tensor,
+        labels_path: str | Path,
+        cfg: CidConfig,
+    ) -> None:
+        super().__init__(model)
+        self.cfg = cfg
+        student_dim = int(model.visual.output_dim)
+        image_dim, text_dim = cache_dims
+        centroid_dim = int(centroids.shape[1])  # wider than image_dim for image+text clusters
+        self.proj_image = self.proj_text = self.proj_cluster = None
+        if cfg.lambda_id or (cfg.lambda_cd and centroid_dim == image_dim):
+            self.proj_image = Projection(student_dim, image_dim)
+        if cfg.lambda_id:
+            self.proj_text = Projection(student_dim, text_dim)
+            self.id_loss = InstanceDiscriminationLoss(temperature=cfg.temperature)
+        if cfg.lambda_cd:
+            self.proj_cluster = (
+                self.proj_image if centroid_dim == image_dim else Projection(student_dim, centroid_dim)
+            )
+            self.cd_loss = ClusterDiscriminationLoss(
+                centroids,
+                scale=cfg.scale,
+                margin=cfg.margin,
+                learnable=cfg.learnable_prototypes,
+                sample_rate=cfg.sample_rate,
+                shard=cfg.shard,
+            )
+            self.labels = np.load(labels_path, mmap_mode="r")  # one per cache row; -1 = not clustered
+
+    def cluster_loss(self, image: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """L_cd over the batch rows that have a cluster (rows outside `cluster.subset` do not)."""
+        labels = torch.from_numpy(np.asarray(self.labels[rows.cpu().numpy()], dtype=np.int64))
+        labels = labels.to(image.device)
+        z = F.normalize(self.proj_cluster(image), dim=-1)
+        keep = labels >= 0
+        if self.cfg.shard or keep.all():  # sharded: build_cid checked that every row has a label
+            return self.cd_loss(z, labels)
+        if not keep.any():  # nothing to score; zero that still reaches every parameter (DDP)
+            return z.sum() * 0 + sum(p.sum() * 0 for p in self.cd_loss.parameters())
+        return self.cd_loss(z[keep], labels[keep])
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        image, text = self.encode(batch)
+        clip = self.clip_loss(image, text, self.model.logit_scale.exp())
+        cd = id_ = clip.new_zeros(())
+        if self.cfg.lambda_cd:
+            cd = self.cluster_loss(image, batch.get("cache_row", batch["index"]))
+        if self.cfg.lambda_id:
+            id_ = self.id_loss(
+                F.normalize(self.proj_image(image), dim=-1),
+                F.normalize(self.proj_text(text), dim=-1),
+                batch["teacher_image"],
+                batch["teacher_text"],
+            )
+        loss = clip + self.cfg.lambda_cd * cd + self.cfg.lambda_id * id_
+        return {"loss": loss, "clip": clip.detach(), "cd": cd.detach(), "id": id_.detach()}
+
+    def heads(self) -> dict[str, nn.Module]:
+        """The projections to teacher space (and learnt prototypes): what reusing the student's
+        teacher-space embeddings needs."""
+        heads = {"proj_image": self.proj_image, "proj_text": self.proj_text}
+        if self.proj_cluster is not self.proj_image:
+            heads["proj_cluster"] = self.proj_cluster
+        if self.cfg.lambda_cd and self.cfg.learnable_prototypes:
+            heads["prototypes"] = self.cd_loss
+        return {name: head for name, head in heads.items() if head is not None}
+
+
+def build_cid(cfg: RunConfig, model: nn.Module, cache) -> CidTask:
+    """CidTask with the centroids and labels of `<run_dir>/<cid.clusters>/`."""
+    folder = Path(cfg.run_dir) / cfg.cid.clusters
+    centroids_path, labels_path = folder / "centroids.npy", folder / "labels.npy"
+    if not (centroids_path.is_file() and labels_path.is_file()):
+        raise ConfigError(
+            f"train.method cid needs cluster centroids and labels in {folder}: run `clipdistill cluster` "
+            "first (after `embed`)"
+        )
+    labels = np.load(labels_path, mmap_mode="r")
+    if len(labels) != len(cache):
+        raise ConfigError(
+            f"{labels_path} has {len(labels)} labels but the teacher cache has {len(cache)} rows: "
+            "rerun `clipdistill cluster`"
+        )
+    if cfg.cid.shard and cfg.cid.lambda_cd and (labels < 0).any():
+        raise ConfigError(
+            f"cid.shard needs a cluster label for every sample, but {labels_path} leaves some out: "
+            "rerun `clipdistill cluster` without --cluster.subset"
+        )
+    centroids = torch.from_numpy(np.load(centroids_path, allow_pickle=False))
+    dims = (cache.meta.image_dim, cache.meta.text_dim)
+    return CidTask(model, dims, centroids, labels_path, cfg.cid)

@@ -1,0 +1,57 @@
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipdistill.config import ConfigError, load_config
+from clipdistill.evaluate.run import evaluate_model, load_trained, run_eval
+from clipdistill.models.factory import count_parameters
+from clipdistill.train import output_dir, train
+from conftest import needs_lab, tiny_overrides
+
+pytestmark = needs_lab
+
+PERCENT_KEYS = ("zeroshot_top1", "linear_probe_top1", "retrieval_i2t_r1", "retrieval_t2i_r1")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cfg = load_config(None, tiny_overrides(tmp_path_factory.mktemp("eval")))
+    train(cfg)
+    return cfg
+
+
+def test_load_trained_is_the_trained_model(trained):
+    loaded = load_trained(trained, "clip")
+    weights = load_file(output_dir(trained) / "model.safetensors")
+    state = loaded.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in weights.items())
+    assert not loaded.model.training and not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_run_eval_metrics_and_files(trained):
+    metrics = run_eval(trained)
+
+    assert metrics["params"] == count_parameters(load_trained(trained, "clip").model)
+    for key in PERCENT_KEYS:
+        assert 0.0 <= metrics[key] <= 100.0, key
+    assert metrics["linear_probe_top1"] > 20.0  # well above chance (10%) even for a barely trained model
+    assert metrics["retrieval_rule"] == "class"
+
+    folder = output_dir(trained)
+    assert json.loads((folder / "eval.json").read_text()) == metrics
+    with open(folder / "eval.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and rows[0]["model"] == "clip"
+    assert float(rows[0]["zeroshot_top1"]) == pytest.approx(metrics["zeroshot_top1"])
+    assert set(PERCENT_KEYS) | {"params"} <= set(rows[0])
+
+
+def test_missing_model_and_other_data_are_config_errors(trained):
+    with pytest.raises(ConfigError, match="run `clipdistill train --train.name nope` first"):
+        evaluate_model(trained, "nope")
+    trained_csv = load_config(None, ["--run_dir", trained.run_dir, "--data.kind", "csv"])
+    with pytest.raises(ConfigError, match="eval runs on the lab data"):
+        evaluate_model(trained_csv, "clip")

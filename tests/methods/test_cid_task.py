@@ -1,0 +1,93 @@
+"""CLIP-CID training on a tiny cache: parts logged, ablations, teacher never in the loop."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import clipdistill.train as train_module
+from cid_fixtures import build_tiny_cache, stage_config
+from clipdistill.config import ConfigError
+from clipdistill.curate.stages import run_balance, run_cluster
+from clipdistill.train import train
+from conftest import needs_lab
+
+pytestmark = needs_lab
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    return build_tiny_cache(tmp_path_factory)
+
+
+def _metrics(run_dir, name):
+    return [json.loads(line) for line in (run_dir / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cid_trains_from_the_cache_alone(tiny_cache, tmp_path, monkeypatch):
+    cfg = stage_config(
+        tiny_cache, tmp_path / "run", "--train.method", "cid", "--train.steps", "3",
+        "--balance.keep_ratio", "0.5", "--cluster.subset", "balance/kept.npy",
+    )  # fmt: skip
+    run_balance(cfg)
+    run_cluster(cfg)  # half the rows get no cluster: L_cd leaves them out
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher must not be built while training cid")
+
+    monkeypatch.setattr(train_module, "create_teacher", no_teacher)
+    done = train(cfg)
+    assert done["steps"] == 3
+    records = _metrics(tmp_path / "run", "cid")
+    assert len(records) == 3
+    for r in records:
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("loss", "clip", "cd", "id"))
+        assert r["loss"] == pytest.approx(r["clip"] + r["cd"] + r["id"], rel=1e-4)
+
+
+def test_zero_lambdas_leave_the_clip_loss(tiny_cache, tmp_path):
+    cfg = stage_config(
+        tiny_cache, tmp_path / "run", "--train.method", "cid", "--train.steps", "2",
+        "--cid.lambda_cd", "0", "--cid.lambda_id", "0",
+    )  # fmt: skip
+    run_cluster(cfg)
+    train(cfg)
+    for r in _metrics(tmp_path / "run", "cid"):
+        assert r["loss"] == pytest.approx(r["clip"]) and r["cd"] == r["id"] == 0.0
+
+
+def test_task_holds_no_teacher_and_needs_clusters(tiny_cache, tmp_path):
+    from clipdistill.cache import TeacherCache
+    from clipdistill.methods import build_task, needs_teacher_cache
+    from clipdistill.models.factory import create_student
+
+    cfg = stage_config(tiny_cache, tmp_path / "run", "--train.method", "cid")
+    cache = TeacherCache(tmp_path / "run" / "cache")
+    model = create_student(cfg.student).model
+    assert needs_teacher_cache("cid")
+    with pytest.raises(ConfigError, match="clipdistill cluster"):
+        build_task(cfg, model, cache)
+    run_cluster(cfg)
+    task = build_task(cfg, model, cache)
+    assert not hasattr(task, "teacher")
+    assert {"proj_image", "proj_text"} <= set(task.heads())
+    assert all(not name.startswith("teacher") for name, _ in task.named_modules())
+    cfg.cid.lambda_cd = cfg.cid.lambda_id = 0.0
+    assert build_task(cfg, model, cache).heads() == {}
+
+
+def test_demo_rows_set_dotted_overrides():
+    from clipdistill.config import RunConfig
+    from clipdistill.demo import ROWS, _needs_clusters, _with_overrides
+
+    cfg = _with_overrides(RunConfig(), ROWS["cid_no_cluster"])
+    assert cfg.train.method == "cid" and cfg.cid.lambda_cd == 0.0 and RunConfig().cid.lambda_cd == 1.0
+    assert _with_overrides(RunConfig(), ROWS["cid_balanced"]).train.subset == "balance/kept.npy"
+    with pytest.raises(ValueError, match="no such config field"):
+        _with_overrides(RunConfig(), {"cid.lambda_xx": 0.0})
+    cfg.lab.rows = ["no_kd"]
+    assert not _needs_clusters(cfg)
+    cfg.lab.rows = ["no_kd", "cid_random_subset"]
+    assert _needs_clusters(cfg)

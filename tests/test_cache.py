@@ -1,0 +1,142 @@
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipdistill.cache import CacheMismatchError, TeacherCache
+from clipdistill.checkpoint import save_state_dict
+from clipdistill.config import ModelConfig, load_config
+from clipdistill.data.sources import make_pair_source
+from clipdistill.embed import run_embed
+from clipdistill.models.factory import create_model, create_teacher
+from clipdistill.train import cache_dir, data_id
+from conftest import needs_lab, run_cli, tiny_overrides
+
+pytestmark = needs_lab
+
+NUM_SHARDS = 8  # 512 training images in shards of 64
+
+# `clipdistill embed` with every shard slowed down, so that a kill lands mid-way
+SLOW_EMBED = (
+    "import sys, time, clipdistill.cache as c; f = c.embed_shard; "
+    "c.embed_shard = lambda *a: (time.sleep(0.25), f(*a))[1]; "
+    "from clipdistill.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+@pytest.fixture(scope="module")
+def teacher_weights(tmp_path_factory):
+    """A fixed tiny stand-in teacher (a trained teacher's model.safetensors)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "model.safetensors"
+    save_state_dict(create_model(ModelConfig(name="lab-student-tiny")).model.state_dict(), path)
+    return str(path)
+
+
+def _args(run_dir, teacher_weights, *extra):
+    return tiny_overrides(
+        run_dir, "--teacher.pretrained", teacher_weights, "--data.train_size", "512", *extra
+    )
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, teacher_weights):
+    """An uninterrupted cache, built in this process."""
+    cfg = load_config(None, _args(tmp_path_factory.mktemp("uninterrupted"), teacher_weights))
+    report = run_embed(cfg)
+    return cfg, report
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "report.json"}
+
+
+def test_report(built):
+    cfg, report = built
+    assert report["num_samples"] == report["valid_samples"] == 512
+    assert report["shards_computed"] == NUM_SHARDS and report["skipped_total"] == 0
+    shards = {name for s in range(NUM_SHARDS) for name in (f"emb_{s:05d}.npy", f"shard_{s:05d}.json")}
+    assert set(_files(cache_dir(cfg))) == {"meta.json"} | shards
+
+
+def test_kill_9_then_rerun_is_byte_identical(tmp_path, built, teacher_weights):
+    cfg, _ = built
+    args = _args(tmp_path / "killed", teacher_weights)
+    folder = tmp_path / "killed" / "cache"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_EMBED, "embed", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        while not list(folder.glob("shard_*.json")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "embed finished before it could be killed"
+    done = len(list(folder.glob("shard_*.json")))
+    assert 1 <= done < NUM_SHARDS
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        TeacherCache(folder)
+
+    rerun = run_cli(["embed", *args], timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f'"shards_computed": {NUM_SHARDS - done}' in rerun.stdout
+    assert _files(folder) == _files(cache_dir(cfg))
+
+
+def test_rows_across_shards_in_order(built):
+    cfg, _ = built
+    cache = TeacherCache(cache_dir(cfg))
+    full = np.concatenate([np.load(p) for p in sorted(cache_dir(cfg).glob("emb_*.npy"))]).astype(np.float32)
+    index = np.array([511, 0, 63, 64, 65, 200, 63, 448, 1])  # unsorted, repeated, shard edges
+    image, text = cache.rows(index)
+    assert image.dtype == text.dtype == torch.float32
+    assert image.shape == (len(index), 32) and text.shape == (len(index), 32)
+    assert torch.equal(torch.cat([image, text], 1), torch.from_numpy(full[index]))
+    assert torch.allclose(image.norm(dim=1), torch.ones(len(index)), atol=2e-3)
+
+    # row i is the teacher's embedding of sample i (image and caption)
+    teacher = create_teacher(cfg.teacher)
+    (batch,) = make_pair_source(cfg.data, teacher.tokenizer, teacher.preprocess).batches([index])
+    with torch.no_grad():
+        expected_image = F.normalize(teacher.model.encode_image(batch["image"]), dim=-1)
+        expected_text = F.normalize(teacher.model.encode_text(batch["text"]), dim=-1)
+    torch.testing.assert_close(image, expected_image, atol=2e-3, rtol=0)
+    torch.testing.assert_close(text, expected_text, atol=2e-3, rtol=0)
+
+
+def test_fp16_and_memory_mapped(built):
+    cfg, _ = built
+    cache = TeacherCache(cache_dir(cfg))
+    assert len(cache) == 512 and cache.valid.all()
+    for shard in cache._shards:
+        assert isinstance(shard, np.memmap) and shard.dtype == np.float16 and shard.shape == (64, 64)
+    assert sum(a.shape[0] for a in cache.all_image()) == 512
+
+
+def test_other_teacher_or_settings_are_refused(tmp_path, built):
+    cfg, _ = built
+    other_teacher = load_config(None, _args(cfg.run_dir, str(tmp_path / "t.safetensors")))
+    torch.manual_seed(1)
+    save_state_dict(create_model(other_teacher.student).model.state_dict(), tmp_path / "t.safetensors")
+    with pytest.raises(CacheMismatchError, match=f"Delete {cache_dir(cfg)}"):
+        run_embed(other_teacher)
+
+    with pytest.raises(CacheMismatchError, match="shard size 64"):
+        run_embed(load_config(None, _args(cfg.run_dir, cfg.teacher.pretrained, "--embed.shard_size", "128")))
+
+    cache = TeacherCache(cache_dir(cfg))
+    cache.check(data_id(cfg))
+    with pytest.raises(CacheMismatchError, match="was built from data"):
+        cache.check(data_id(load_config(None, _args(cfg.run_dir, "x", "--data.val_size", "256"))))
+    with pytest.raises(CacheMismatchError, match="not the configured one"):
+        cache.check(data_id(cfg), fingerprint="0123456789abcdef")

@@ -1,0 +1,108 @@
+"""World size 2 on CPU (gloo, spawned processes) against one process holding the whole global batch."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
+
+from clipdistill.config import ModelConfig, load_config
+from clipdistill.distributed import all_reduce_mean, init_distributed, rank, world_size
+from clipdistill.methods.clip import ClipTask
+from clipdistill.models.factory import create_model
+from clipdistill.train import output_dir, train
+from conftest import needs_lab, tiny_overrides
+
+pytestmark = needs_lab
+
+GLOBAL_BATCH = 8
+TRAIN = ("--train.steps", "3", "--train.lr", "1e-3")
+CAPTIONS = [
+    f"a photo of a {c}." for c in ("bag", "coat", "shirt", "dress", "sandal", "sneaker", "trouser", "boot")
+]
+
+
+def _task_and_batch() -> tuple[ClipTask, dict]:
+    torch.manual_seed(0)
+    loaded = create_model(ModelConfig(name="lab-student-tiny"))
+    batch = {"image": torch.randn(GLOBAL_BATCH, 3, 32, 32), "text": loaded.tokenizer(CAPTIONS)}
+    return ClipTask(loaded.model), batch
+
+
+def _gradients(task: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in task.named_parameters()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(local_rank: int, port: int, out: str, run_dir: str) -> None:
+    """One rank: the env torchrun would set, then the same code path as a real run."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(local_rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(local_rank),
+    )
+    torch.set_num_threads(1)
+    info = init_distributed(torch.device("cpu"))
+    assert (info.rank, info.world_size, rank(), world_size()) == (local_rank, 2, local_rank, 2)
+
+    # (a) the CLIP loss of this rank's rows against the gathered batch, gradients averaged by DDP
+    task, batch = _task_and_batch()
+    ddp = DistributedDataParallel(task)
+    rows = slice(local_rank * GLOBAL_BATCH // 2, (local_rank + 1) * GLOBAL_BATCH // 2)
+    loss = ddp({k: v[rows] for k, v in batch.items()})["loss"]
+    loss.backward()
+    torch.save(
+        {"loss": loss.detach(), "mean_loss": all_reduce_mean(loss), "grads": _gradients(task)},
+        f"{out}/rank{local_rank}.pt",
+    )
+
+    # (b) the trainer itself
+    train(load_config(None, tiny_overrides(run_dir, *TRAIN)))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_worker, args=(_free_port(), str(out), str(out / "run")), nprocs=2, join=True)
+    return out
+
+
+def test_clip_loss_and_gradients_match_one_process(two_ranks):
+    ranks = [torch.load(two_ranks / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    task, batch = _task_and_batch()
+    loss = task(batch)["loss"]
+    loss.backward()
+    expected = _gradients(task)
+
+    assert not torch.allclose(ranks[0]["loss"], ranks[1]["loss"])  # each rank has its own rows
+    for r in ranks:
+        torch.testing.assert_close(r["mean_loss"], loss.detach(), rtol=0, atol=1e-5)
+        assert r["grads"].keys() == expected.keys()
+        for name, grad in expected.items():
+            torch.testing.assert_close(r["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert expected["model.logit_scale"].abs() > 0  # the temperature trains too
+
+
+def test_train_world_size_2_equals_world_size_1(two_ranks, tiny_config):
+    cfg = tiny_config(*TRAIN)
+    single = train(cfg)
+    assert single["world_size"] == 1
+    two = load_file(output_dir(load_config(None, tiny_overrides(two_ranks / "run"))) / "model.safetensors")
+    one = load_file(output_dir(cfg) / "model.safetensors")
+    init = _task_and_batch()[0].model.state_dict()
+    assert one.keys() == two.keys()
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, rtol=0, atol=1e-5, msg=name)
+    assert any(not torch.allclose(one[name], init[name]) for name in one)  # training moved the weights

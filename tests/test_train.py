@@ -1,0 +1,187 @@
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipdistill import train as train_module
+from clipdistill.checkpoint import read_json, safe_torch_load
+from clipdistill.config import ConfigError
+from clipdistill.methods.clip import ClipTask
+from clipdistill.train import TrainingDiverged, output_dir, train
+from conftest import needs_lab, run_cli, tiny_overrides
+
+pytestmark = needs_lab
+
+# `clipdistill train` with every step slowed down, so that a kill lands mid-way
+SLOW_TRAIN = (
+    "import sys, time, clipdistill.train as t; f = t._to_device; "
+    "t._to_device = lambda *a: (time.sleep(0.1), f(*a))[1]; "
+    "from clipdistill.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+@pytest.fixture(autouse=True)
+def _restore_determinism():
+    yield
+    torch.use_deterministic_algorithms(False)  # train(--train.deterministic true) sets it process-wide
+
+
+def _metrics(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(tmp_path, tiny_config):
+    extra = ("--train.deterministic", "true", "--train.steps", "12", "--train.ckpt_every", "2")
+    args = ["train", *tiny_overrides(tmp_path / "killed", *extra)]
+    out = tmp_path / "killed" / "clip"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_TRAIN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 60
+        while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "train finished before it could be killed"
+    assert not (out / "done.json").exists()
+    assert 2 <= safe_torch_load(out / "checkpoint.pt")["step"] < 12
+
+    rerun = run_cli(args, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert read_json(out / "done.json")["steps"] == 12
+
+    reference = tiny_config(*extra, run_dir=tmp_path / "uninterrupted")
+    train(reference)
+    ref_out = output_dir(reference)
+    resumed, uninterrupted = load_file(out / "model.safetensors"), load_file(ref_out / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for key, value in uninterrupted.items():
+        assert torch.equal(resumed[key], value), key
+    # every step logged once, with the uninterrupted run's numbers
+    assert [r["step"] for r in _metrics(out)] == list(range(1, 13))
+    assert [r["loss"] for r in _metrics(out)] == [r["loss"] for r in _metrics(ref_out)]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_with_another_config_is_refused_before_any_work(tiny_config, monkeypatch):
+    save, load_model = train_module.save_training_state, train_module.load_model_for
+
+    def save_then_crash(state, path):
+        save(state, path)
+        raise Interrupted
+
+    monkeypatch.setattr(train_module, "save_training_state", save_then_crash)
+    with pytest.raises(Interrupted):
+        train(tiny_config())  # stops right after the step-2 checkpoint
+    monkeypatch.setattr(train_module, "save_training_state", save)
+
+    def no_work(cfg):
+        raise AssertionError("the model was built before the config was checked")
+
+    monkeypatch.setattr(train_module, "load_model_for", no_work)
+    with pytest.raises(ConfigError) as info:
+        train(tiny_config("--train.lr", "1e-3"))
+    assert "was written with another config (train.lr 0.002 -> 0.001)" in str(info.value)
+    assert "--train.resume never" in str(info.value)
+
+    # logging and checkpoint settings may change: the run resumes at step 2
+    monkeypatch.setattr(train_module, "load_model_for", load_model)
+    assert train(tiny_config("--train.log_every", "3", "--train.ckpt_every", "5"))["steps"] == 4
+    assert [r["step"] for r in _metrics(output_dir(tiny_config()))] == [1, 2, 3, 4]
+
+
+def test_nan_loss_is_training_diverged(tiny_config, monkeypatch):
+    forward, calls = ClipTask.forward, []
+
+    def nan_at_third_step(self, batch):
+        parts = forward(self, batch)
+        calls.append(1)
+        if len(calls) == 3:
+            parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(ClipTask, "forward", nan_at_third_step)
+    cfg = tiny_config()
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 3: lower --train.lr") as info:
+        train(cfg)
+    assert str(output_dir(cfg) / "checkpoint.pt") in str(info.value)
+    assert not (output_dir(cfg) / "done.json").exists()
+
+
+def test_gradient_accumulation(tiny_config, monkeypatch):
+    forward, sizes = ClipTask.forward, []
+
+    def counting(self, batch):
+        sizes.append(len(batch["index"]))
+        return forward(self, batch)
+
+    monkeypatch.setattr(ClipTask, "forward", counting)
+    cfg = tiny_config("--train.accum_steps", "2")
+    train(cfg)
+    assert sizes == [16] * 8  # 4 steps of 2 micro-batches of 32 / 2
+    records = _metrics(output_dir(cfg))
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+
+    with pytest.raises(ConfigError, match="must divide by accum_steps"):
+        train(tiny_config("--train.accum_steps", "3", "--train.name", "odd"))
+
+
+def test_outputs_and_metrics(tiny_config):
+    cfg = tiny_config("--train.lr", "1e-3")
+    result = train(cfg)
+    out = output_dir(cfg)
+
+    records = _metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all({"step", "loss", "lr", "clip", "elapsed"} <= r.keys() for r in records)
+    assert all(math.isfinite(r["loss"]) for r in records)
+    # the rate each step used: warmup over 2 steps, then cosine to 0 at step 4
+    assert [r["lr"] for r in records] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
+    assert records[-1]["loss"] < records[0]["loss"]
+
+    assert result["steps"] == 4 and result["world_size"] == 1 and result["train_samples"] == 256
+    assert read_json(out / "done.json") == result
+    assert safe_torch_load(out / "checkpoint.pt")["step"] == 4
+    assert "logit_scale" in load_file(out / "model.safetensors")
+
+
+def test_done_json_makes_a_rerun_return_at_once(tiny_config, monkeypatch):
+    first = train(tiny_config())
+
+    def no_work(cfg):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(train_module, "load_model_for", no_work)
+    assert train(tiny_config()) == first
+    # settings that do not change the trained model do not matter
+    assert (
+        train(tiny_config("--train.log_every", "2", "--eval.batch_size", "7", "--lab.rows", "[a, b]"))
+        == first
+    )
+    with pytest.raises(ConfigError, match="already holds a finished run with another config"):
+        train(tiny_config("--train.lr", "1e-3"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (("--train.resume", "yes"), "train.resume must be auto or never"),
+        (("--train.role", "critic"), "train.role must be teacher or student"),
+        (("--train.method", "magic"), "unknown train.method 'magic'"),
+    ],
+)
+def test_bad_train_settings(tiny_config, override, message):
+    with pytest.raises(ConfigError, match=message):
+        train(tiny_config(*override))
