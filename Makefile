@@ -25,6 +25,9 @@ deps: $(STAMP) $(FASHION_MNIST)
 demo: deps
 	$(BIN)/clipdistill demo --config configs/lab.yaml
 
+bench: deps
+	$(BIN)/clipdistill bench --config configs/lab.yaml
+
 test: deps
 	$(BIN)/ruff check src tests
 	$(BIN)/pytest tests

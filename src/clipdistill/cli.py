@@ -20,12 +20,13 @@ STAGES = {
     "balance": "image semantic balance of the cache: kept ids (perceptual + semantic dedup)",
     "cluster": "k-means on the cached teacher embeddings: centroids and labels for cid",
     "train": "train a model with a method (clip, and the distillation recipes)",
-    "eval": "zero-shot, linear probe and retrieval of a trained model",
+    "eval": "zero-shot, linear probe and retrieval of a trained model (--protocol: base/novel, domain)",
     "demo": "the whole lab end to end: teacher, cache, students, evaluation, results table",
+    "bench": "the full lab grid over 3 seeds in runs/bench: results.json, results.md, plots",
 }
 
 
-def _run_stage(stage: str, cfg: RunConfig) -> dict:
+def _run_stage(stage: str, cfg: RunConfig, only: str | None = None) -> dict:
     if stage == "embed":
         from clipdistill.embed import run_embed
 
@@ -46,6 +47,10 @@ def _run_stage(stage: str, cfg: RunConfig) -> dict:
         from clipdistill.demo import run_demo
 
         return run_demo(cfg)
+    if stage == "bench":
+        from clipdistill.bench import run_bench
+
+        return run_bench(cfg, only)
     raise AssertionError(stage)
 
 
@@ -60,14 +65,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=sorted(STAGES))
     parser.add_argument("--config", help="YAML run config (defaults: the Fashion-MNIST lab)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--only", choices=("cid", "comkd", "baselines"), help="bench: one group of rows")
+    parser.add_argument(
+        "--protocol",
+        choices=("standard", "base_to_novel", "domain", "all"),
+        help="eval: short for --eval.protocol (base_to_novel: base/novel/HM; domain: shifted test sets)",
+    )
     args, overrides = parser.parse_known_args(argv)
+    if args.protocol:
+        overrides = [*overrides, "--eval.protocol", args.protocol]
     try:
+        if args.stage == "bench":  # its own run dir, seeds and rows unless given on the command line
+            from clipdistill.bench import bench_overrides
+
+            overrides = bench_overrides(overrides)
         cfg = load_config(args.config, overrides)
         if args.print_config:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        result = _run_stage(args.stage, cfg)
+        result = _run_stage(args.stage, cfg, args.only)
     except ConfigError as e:
         print(f"clipdistill {args.stage}: config error: {e}", file=sys.stderr)
         return 2

@@ -338,6 +338,8 @@ def train(cfg: RunConfig) -> dict:
                 {f"{n}.{k}": v for n, h in heads.items() for k, v in h.state_dict().items()},
                 out / "heads.safetensors",
             )
+        if hasattr(task, "export"):  # outputs a recipe writes besides weights (prompt_teacher's text bank)
+            task.export(out)
         write_json(done_path, result)
     return result
 

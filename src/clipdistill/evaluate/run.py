@@ -6,6 +6,7 @@ import csv
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -15,10 +16,14 @@ from clipdistill.checkpoint import write_json
 from clipdistill.config import ConfigError, RunConfig, config_from_dict
 from clipdistill.data.lab import LabSplit, load_lab, to_pixels
 from clipdistill.evaluate.linear_probe import linear_probe
+from clipdistill.evaluate.protocols import base_novel_split, base_to_novel, domain_shift
 from clipdistill.evaluate.retrieval import retrieval_recall
-from clipdistill.evaluate.zeroshot import zeroshot_accuracy, zeroshot_classifier
+from clipdistill.evaluate.zeroshot import predict_with_classifier, zeroshot_accuracy, zeroshot_classifier
+from clipdistill.methods.comkd import TEXT_BANK, load_head
 from clipdistill.models.factory import LoadedModel, count_parameters, create_teacher
 from clipdistill.train import resolve_device
+
+PROTOCOLS = ("standard", "base_to_novel", "domain", "all")
 
 
 def load_trained(cfg: RunConfig, name: str) -> LoadedModel:
@@ -44,11 +49,14 @@ def image_features(
     device: torch.device,
     limit: int = 0,
     desc: str = "features",
+    shift=None,
 ) -> torch.Tensor:
+    """L2-normalised image features; `shift` transforms the [0, 1] pixels first (domain shift)."""
     n = min(limit, len(split)) if limit else len(split)
     feats = []
     for start in tqdm(range(0, n, batch_size), desc=desc, leave=False, dynamic_ncols=True):
         pixels = to_pixels(split.images[start : min(start + batch_size, n)], loaded.preprocess.image_size)
+        pixels = shift(pixels) if shift is not None else pixels
         x = loaded.preprocess.normalize(pixels).to(device)
         feats.append(F.normalize(loaded.model.encode_image(x).float(), dim=-1).cpu())
     return torch.cat(feats)
@@ -75,34 +83,71 @@ def evaluate_model(cfg: RunConfig, name: str) -> dict:
     loaded.model.to(device)
     lab = load_lab(cfg.data)
     ec = cfg.eval
+    if ec.protocol not in PROTOCOLS:
+        raise ConfigError(f"eval.protocol must be one of {PROTOCOLS}, not {ec.protocol!r}")
+    # A ComKD student has no text tower: it classifies through its head and the teacher's text bank.
+    head = load_head(Path(cfg.run_dir) / name) if name != "teacher" else None
+    if head is not None:
+        head.to(device)
+        classifier = head.text_bank.T.cpu()
+
+        def class_features(features: torch.Tensor) -> torch.Tensor:
+            return head(features.to(device)).float().cpu()
+    elif name != "teacher" and (Path(cfg.run_dir) / name / TEXT_BANK).is_file():  # a prompt-tuned teacher
+        classifier = torch.from_numpy(np.load(Path(cfg.run_dir) / name / TEXT_BANK)).T
+
+        def class_features(features: torch.Tensor) -> torch.Tensor:
+            return features
+    else:
+        classifier = zeroshot_classifier(
+            lambda t: text_features(loaded, t, device), lab.classnames, lab.templates
+        )
+
+        def class_features(features: torch.Tensor) -> torch.Tensor:
+            return features
+
     test = image_features(loaded, lab.test, ec.batch_size, device, desc="test")
-    classifier = zeroshot_classifier(
-        lambda t: text_features(loaded, t, device), lab.classnames, lab.templates
-    )
-    zs = zeroshot_accuracy(test, lab.test.labels, classifier)
+    zs = zeroshot_accuracy(class_features(test), lab.test.labels, classifier)
     train = image_features(loaded, lab.train, ec.batch_size, device, ec.linear_probe_train, desc="probe")
     val = image_features(loaded, lab.val, ec.batch_size, device, desc="val")
     probe = linear_probe(train, lab.train.labels[: len(train)], val, lab.val.labels, test, lab.test.labels)
-    k = ec.retrieval_size
-    retrieval = retrieval_recall(
-        test[:k],
-        text_features(loaded, lab.test.captions[:k], device),
-        image_labels=lab.test.labels[:k],
-        text_labels=lab.test.labels[:k],
-    )
-    return {
-        "params": count_parameters(loaded.model),
+    metrics = {
+        # a ComKD student deploys its image tower and head only (no text tower)
+        "params": count_parameters(loaded.model)
+        if head is None
+        else count_parameters(loaded.model.visual) + count_parameters(head),
         "zeroshot_top1": zs["acc1"],
         "zeroshot_top5": zs["acc5"],
         "linear_probe_top1": probe["acc1"],
         "linear_probe_c": probe["best_c"],
-        "retrieval_i2t_r1": retrieval["text_retrieval_recall@1"],
-        "retrieval_t2i_r1": retrieval["image_retrieval_recall@1"],
-        "retrieval_i2t_r5": retrieval["text_retrieval_recall@5"],
-        "retrieval_t2i_r5": retrieval["image_retrieval_recall@5"],
-        "retrieval_rule": retrieval["rule"],
-        "eval_seconds": round(time.time() - start, 2),
     }
+    if head is None:  # retrieval needs a text tower
+        k = ec.retrieval_size
+        retrieval = retrieval_recall(
+            test[:k],
+            text_features(loaded, lab.test.captions[:k], device),
+            image_labels=lab.test.labels[:k],
+            text_labels=lab.test.labels[:k],
+        )
+        metrics |= {
+            "retrieval_i2t_r1": retrieval["text_retrieval_recall@1"],
+            "retrieval_t2i_r1": retrieval["image_retrieval_recall@1"],
+            "retrieval_i2t_r5": retrieval["text_retrieval_recall@5"],
+            "retrieval_t2i_r5": retrieval["image_retrieval_recall@5"],
+            "retrieval_rule": retrieval["rule"],
+        }
+    if ec.protocol in ("base_to_novel", "all"):
+        base, novel = base_novel_split(len(lab.classnames), cfg.comkd.base_fraction, cfg.comkd.split_seed)
+        logits = predict_with_classifier(class_features(test), classifier)
+        metrics |= base_to_novel(logits, lab.test.labels, base, novel)
+    if ec.protocol in ("domain", "all"):
+
+        def shifted_logits(shift) -> torch.Tensor:
+            feats = image_features(loaded, lab.test, ec.batch_size, device, desc="shifted", shift=shift)
+            return predict_with_classifier(class_features(feats), classifier)
+
+        metrics |= domain_shift(shifted_logits, lab.test.labels)
+    return metrics | {"eval_seconds": round(time.time() - start, 2)}
 
 
 def run_eval(cfg: RunConfig) -> dict:

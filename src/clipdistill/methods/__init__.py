@@ -15,6 +15,8 @@ from clipdistill.config import ConfigError, RunConfig
 from clipdistill.methods.baselines import BASELINES, baseline_builder
 from clipdistill.methods.cid import build_cid
 from clipdistill.methods.clip import ClipTask
+from clipdistill.methods.comkd import build_comkd
+from clipdistill.methods.prompt_teacher import build_prompt_teacher
 
 Builder = Callable[[RunConfig, nn.Module, TeacherCache | None], nn.Module]
 
@@ -22,6 +24,9 @@ Builder = Callable[[RunConfig, nn.Module, TeacherCache | None], nn.Module]
 METHODS: dict[str, tuple[Builder, bool]] = {
     "clip": (lambda cfg, model, cache: ClipTask(model), False),
     "cid": (build_cid, True),
+    "prompt_teacher": (build_prompt_teacher, False),
+    "comkd": (build_comkd, True),
+    "promptkd": (build_comkd, True),
     **{kind: (baseline_builder(kind), True) for kind in BASELINES},
 }
 

@@ -61,7 +61,9 @@ class TextPromptLearner(nn.Module):
             return text.proj(text.pooler(out, mask))
         x = x + model.positional_embedding.to(x.dtype)
         x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
-        x = text_global_pool(x, self.tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+        x = text_global_pool(
+            x, self.tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None)
+        )
         proj = model.text_projection
         if proj is None:
             return x

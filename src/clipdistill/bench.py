@@ -1,0 +1,142 @@
+"""`clipdistill bench`: the full lab grid (every method, baseline and ablation) over several seeds.
+
+It is the demo's pipeline (`demo.run_demo`) with more rows and seeds, so a killed bench resumes
+where it stopped: finished trainings and evaluations are reused. On top it writes the results as
+a Markdown table and three plots (DESIGN section 7 names).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from clipdistill.checkpoint import read_json, write_json
+from clipdistill.config import RunConfig
+from clipdistill.demo import ROWS, format_table, run_demo
+
+# Rows recorded as another row's results: CLIP-CID already trains on all the data.
+ALIASES = {"cid_all_data": "cid"}
+# Every row of DESIGN section 7 (the teacher is always evaluated); rows no method registers are skipped.
+ALL_ROWS = [
+    "no_kd", "cid", "cid_no_cluster", "cid_no_instance", "cid_balanced", "cid_random_subset",
+    "cid_all_data", "fd", "crd", "icl", "tinyclip_affinity", "openclip_distill", "teacher_zeroshot",
+    "prompt_teacher", "student_zeroshot", "promptkd", "comkd", "comkd_no_ifalign", "comkd_no_eduattention",
+]  # fmt: skip
+GROUPS = {
+    "cid": [
+        "no_kd", "cid", "cid_no_cluster", "cid_no_instance", "cid_balanced", "cid_random_subset",
+        "cid_all_data",
+    ],
+    "baselines": ["no_kd", "fd", "crd", "icl", "tinyclip_affinity", "openclip_distill", "cid"],
+    "comkd": [
+        "no_kd", "teacher_zeroshot", "prompt_teacher", "student_zeroshot", "promptkd", "comkd",
+        "comkd_no_ifalign", "comkd_no_eduattention",
+    ],
+}  # fmt: skip
+# What `bench` changes in the config it is given, before the user's own overrides.
+BENCH_OVERRIDES = ["--run_dir", "runs/bench", "--lab.seeds", "[0, 1, 2]", "--lab.rows", json.dumps(ALL_ROWS)]
+
+
+def bench_overrides(overrides: list[str]) -> list[str]:
+    """The bench's run dir, seeds and rows, unless the command line sets them itself."""
+    given = set(overrides[::2])
+    pairs = zip(BENCH_OVERRIDES[::2], BENCH_OVERRIDES[1::2], strict=True)
+    return [item for key, value in pairs if key not in given for item in (key, value)] + overrides
+
+
+def select_rows(rows: list[str]) -> tuple[list[str], list[str]]:
+    """(rows to train, rows to report): aliases train their source row; unknown rows are skipped."""
+    report, train = [], []
+    for row in rows:
+        if row not in ROWS and row not in ALIASES:
+            print(f"bench: skipping {row!r}: no method registers it yet")
+            continue
+        report.append(row)
+        source = ALIASES.get(row, row)
+        if source not in train:
+            train.append(source)
+    return train, report
+
+
+def run_bench(cfg: RunConfig, only: str | None = None) -> dict:
+    """Train and evaluate the grid, then write results.json, results.md and the plots in the run dir."""
+    train_rows, report_rows = select_rows(GROUPS[only] if only else cfg.lab.rows)
+    cfg.lab.rows = train_rows
+    run_demo(cfg)
+    out = Path(cfg.run_dir)
+    report = read_json(out / cfg.lab.results)
+    trained = report["results"]
+    report["results"] = {"teacher": trained["teacher"]} | {
+        row: trained[ALIASES.get(row, row)] for row in report_rows
+    }
+    report["config"]["lab"]["rows"] = report_rows
+    write_json(out / cfg.lab.results, report)
+    table = format_table(report["results"])
+    seeds = ", ".join(map(str, cfg.lab.seeds))
+    (out / "results.md").write_text(f"# clipdistill bench (mean ± std over seeds {seeds})\n\n{table}\n")
+    plots = write_plots(cfg, report["results"])
+    return {"results": str(out / cfg.lab.results), "table": str(out / "results.md"), "plots": plots}
+
+
+def _train_folder(cfg: RunConfig, row: str) -> Path:
+    """The first seed's train folder of `row` (named as `demo.run_rows` names it)."""
+    row = ALIASES.get(row, row)
+    seed = cfg.lab.seeds[0]
+    return Path(cfg.run_dir) / (row if len(cfg.lab.seeds) == 1 else f"{row}_seed{seed}")
+
+
+def write_plots(cfg: RunConfig, results: dict[str, dict]) -> list[str]:
+    """accuracy.png, curves.png and accuracy_vs_time.png in the run dir (matplotlib, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(cfg.run_dir)
+    names = [name for name, row in results.items() if "zeroshot_top1" in row]
+    students = [name for name in names if name != "teacher"]
+    paths = [out / "accuracy.png", out / "curves.png", out / "accuracy_vs_time.png"]
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 4))
+    means = [results[n]["zeroshot_top1"]["mean"] for n in names]
+    stds = [results[n]["zeroshot_top1"]["std"] for n in names]
+    colors = ["tab:gray" if n == "teacher" else "tab:blue" for n in names]
+    ax.bar(names, means, yerr=stds, capsize=3, color=colors)
+    ax.set_ylabel("zero-shot top-1 (%)")
+    ax.set_title("Zero-shot accuracy per method (mean ± std over seeds)")
+    ax.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in students:
+        if ALIASES.get(name) in results:  # the same curve as its source row
+            continue
+        metrics = _train_folder(cfg, name) / "metrics.jsonl"
+        if metrics.is_file():
+            records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            ax.plot([r["step"] for r in records], [r["loss"] for r in records], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"Training curves (seed {cfg.lab.seeds[0]})")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in students:
+        row = results[name]
+        if "train_seconds" not in row:
+            continue
+        x, y = row["train_seconds"], row["zeroshot_top1"]
+        ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt="o", capsize=3)
+        ax.annotate(name, (x["mean"], y["mean"]), fontsize="small", xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("zero-shot top-1 (%)")
+    ax.set_title("Accuracy vs training time")
+    fig.tight_layout()
+    fig.savefig(paths[2], dpi=120)
+    plt.close(fig)
+    return [str(p) for p in paths]

@@ -1,0 +1,134 @@
+"""ComKD stage 2 (DESIGN 4): distil a prompt-tuned teacher into a student on UNLABELED images.
+
+The student's image encoder and a head (projector P, EduAttention, the teacher's text bank W_t)
+train against the teacher's cached image features u_t: refinement KL between the two zero-shot
+distributions over W_t, plus IFAlign. No labels and no teacher model are involved: u_t comes from
+the cache, W_t from stage 1's `text_bank.npy`. Inference: encoder -> P -> EduAttention -> W_t.
+PromptKD is the same recipe with IFAlign and EduAttention off.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from clipdistill.checkpoint import load_state_dict
+from clipdistill.config import ComkdConfig, ConfigError, RunConfig, config_from_dict
+from clipdistill.losses.comkd import EduAttention, IFAlignLoss, Projector, RefinementKDLoss
+
+TEXT_BANK = "text_bank.npy"  # written by stage 1 (methods/prompt_teacher.py)
+COMKD_METHODS = ("comkd", "promptkd")
+
+
+class ComkdHead(nn.Module):
+    """What the student needs at inference besides its encoder: P, EduAttention and W_t (a buffer,
+    so it is saved in heads.safetensors and the student needs no text tower)."""
+
+    def __init__(self, student_dim: int, text_bank: torch.Tensor, cfg: ComkdConfig) -> None:
+        super().__init__()
+        dim = int(text_bank.shape[1])
+        self.projector = Projector(student_dim, dim)
+        self.edu = EduAttention(dim, cfg.attention_scale) if cfg.use_eduattention else None
+        self.register_buffer("text_bank", F.normalize(text_bank.float(), dim=-1))
+        self.logit_scale = cfg.logit_scale
+
+    def project(self, student_image: torch.Tensor) -> torch.Tensor:
+        """P(u_s) of the L2-normalised student feature (normalised so training and eval agree)."""
+        return self.projector(F.normalize(student_image, dim=-1))
+
+    def forward(self, student_image: torch.Tensor) -> torch.Tensor:
+        """f_e: the student feature in the teacher's space, after EduAttention when it is on."""
+        p = self.project(student_image)
+        return self.edu(p, self.text_bank) if self.edu is not None else p
+
+    def logits(self, student_image: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * F.normalize(self(student_image), dim=-1) @ self.text_bank.T
+
+
+class ComkdTask(nn.Module):
+    """L = λ_kd·L_kd + λ_align·L_align over the student's image tower and the head.
+
+    The student's text tower is frozen (unused: classes come from W_t), so every trainable
+    parameter gets a gradient. The batch's labels, if any, are never read.
+    """
+
+    def __init__(self, model: nn.Module, text_bank: torch.Tensor, cfg: ComkdConfig) -> None:
+        super().__init__()
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("visual.")
+        self.model = model
+        self.cfg = cfg
+        self.head = ComkdHead(int(model.visual.output_dim), text_bank, cfg)
+        self.kd_loss = RefinementKDLoss(cfg.temperature, cfg.logit_scale)
+        self.align_loss = IFAlignLoss() if cfg.use_ifalign else None
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        teacher_image = batch["teacher_image"]
+        student = self.model.encode_image(batch["image"])
+        p = self.head.project(student)
+        f_e = self.head.edu(p, self.head.text_bank) if self.head.edu is not None else p
+        kd = self.kd_loss(f_e, teacher_image, self.head.text_bank)
+        align = self.align_loss(p, teacher_image) if self.align_loss is not None else kd.new_zeros(())
+        loss = self.cfg.lambda_kd * kd + self.cfg.lambda_align * align
+        alpha = self.head.edu.alpha.detach() if self.head.edu is not None else kd.new_zeros(())
+        return {"loss": loss, "kd": kd.detach(), "align": align.detach(), "alpha": alpha}
+
+    def after_step(self) -> None:
+        pass
+
+    def heads(self) -> dict[str, nn.Module]:
+        return {"head": self.head}
+
+
+def comkd_settings(cfg: RunConfig) -> ComkdConfig:
+    """The ComKD settings of a run, with `promptkd` switching IFAlign and EduAttention off."""
+    settings = ComkdConfig(**vars(cfg.comkd))
+    if cfg.train.method == "promptkd":
+        settings.use_ifalign = settings.use_eduattention = False
+    return settings
+
+
+def load_text_bank(cfg: RunConfig) -> torch.Tensor:
+    """W_t from stage 1's folder, or (a multi-seed lab) from the stage-1 run of the same seed."""
+    configured = Path(cfg.run_dir) / cfg.comkd.prompt_teacher / TEXT_BANK
+    path = configured
+    if not path.is_file():
+        path = Path(cfg.run_dir) / f"{cfg.comkd.prompt_teacher}_seed{cfg.train.seed}" / TEXT_BANK
+    if not path.is_file():
+        raise ConfigError(
+            f"train.method {cfg.train.method} needs the prompt-tuned teacher's text bank {configured}: run "
+            "`clipdistill train --train.role teacher --train.method prompt_teacher` first"
+        )
+    return torch.from_numpy(np.load(path, allow_pickle=False))
+
+
+def build_comkd(cfg: RunConfig, model: nn.Module, cache) -> ComkdTask:
+    if cfg.train.role != "student":
+        raise ConfigError(
+            f"train.method {cfg.train.method} distils into the student: set --train.role student"
+        )
+    text_bank = load_text_bank(cfg)
+    if cache is not None and cache.meta.image_dim != text_bank.shape[1]:
+        raise ConfigError(
+            f"the teacher cache has image width {cache.meta.image_dim} but the text bank "
+            f"{text_bank.shape[1]}: embed and prompt_teacher must use the same teacher"
+        )
+    return ComkdTask(model, text_bank, comkd_settings(cfg))
+
+
+def load_head(folder: str | Path) -> ComkdHead | None:
+    """The trained head of a comkd/promptkd run folder (None for any other method)."""
+    folder = Path(folder)
+    trained = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
+    if trained.train.method not in COMKD_METHODS:
+        return None
+    state = {k.removeprefix("head."): v for k, v in load_state_dict(folder / "heads.safetensors").items()}
+    student_dim = int(state["projector.net.0.weight"].shape[1])
+    head = ComkdHead(student_dim, state["text_bank"], comkd_settings(trained))
+    head.load_state_dict(state)
+    return head.eval().requires_grad_(False)

@@ -1,0 +1,211 @@
+"""ComKD: stage-1 prompt tuning of the teacher (CoOp) and stage-2 distillation on unlabeled images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import clipdistill.data.lab as lab_module
+import clipdistill.train as train_module
+from cid_fixtures import build_tiny_cache, stage_config
+from clipdistill.cache import TeacherCache
+from clipdistill.config import ComkdConfig, ConfigError, RunConfig
+from clipdistill.evaluate.run import run_eval
+from clipdistill.methods import build_task, needs_teacher_cache
+from clipdistill.methods.comkd import ComkdHead, load_head
+from clipdistill.models.factory import count_parameters, create_student, create_teacher
+from clipdistill.models.prompts import TextPromptLearner
+from clipdistill.train import train
+from conftest import needs_lab
+
+pytestmark = needs_lab
+
+STAGE1 = ("--train.role", "teacher", "--train.method", "prompt_teacher", "--train.lr", "0.05")
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    return build_tiny_cache(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def prompted(tiny_cache, tmp_path_factory) -> RunConfig:
+    """A run dir with the tiny teacher's cache and its stage-1 prompts (3 steps)."""
+    cfg = stage_config(tiny_cache, tmp_path_factory.mktemp("prompted"), *STAGE1, "--train.steps", "3")
+    train(cfg)
+    return cfg
+
+
+def _metrics(cfg: RunConfig, name: str) -> list[dict]:
+    path = Path(cfg.run_dir) / name / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _initial_teacher(cfg: RunConfig):
+    """The teacher exactly as the trainer builds it (same seed) before stage 1 touches it."""
+    torch.manual_seed(cfg.train.seed)
+    return create_teacher(cfg.teacher, trainable=True)
+
+
+def _check_stage1(cfg: RunConfig, dim: int) -> None:
+    out = Path(cfg.run_dir) / "prompt_teacher"
+    initial = _initial_teacher(cfg)
+    saved = load_file(out / "model.safetensors")
+    assert all(torch.equal(v, saved[k]) for k, v in initial.model.state_dict().items())  # teacher frozen
+    init_ctx = TextPromptLearner(initial.model, initial.tokenizer, ["x"], cfg.comkd.n_ctx).ctx
+    ctx = load_file(out / "heads.safetensors")["prompts.ctx"]
+    assert ctx.shape == init_ctx.shape and not torch.allclose(ctx, init_ctx)  # the prompts learned
+    bank = np.load(out / "text_bank.npy")
+    assert bank.shape == (10, dim)  # every class, base and novel
+    np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1.0, rtol=1e-5)
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["base"]) == len(split["novel"]) == 5
+    assert sorted(split["base"] + split["novel"]) == list(range(10))
+
+
+def test_prompt_teacher_learns_only_the_prompts(prompted):
+    _check_stage1(prompted, dim=32)
+    records = _metrics(prompted, "prompt_teacher")
+    assert len(records) == 3 and all(np.isfinite(r["ce"]) and r["ce"] > 0 for r in records)
+
+
+def test_prompt_teacher_trains_on_base_labels_only(prompted):
+    loaded = _initial_teacher(prompted)
+    task = build_task(prompted, loaded.model, None)
+    assert not needs_teacher_cache("prompt_teacher")
+    assert [n for n, p in task.named_parameters() if p.requires_grad] == ["prompts.ctx"]
+    assert set(task.heads()) == {"prompts"}
+    novel = (task.base_label < 0).nonzero().flatten()[:4]
+    batch = {"image": torch.zeros(4, 3, 32, 32), "index": novel}
+    assert task(batch)["loss"].item() == 0.0  # novel-class images carry no label in stage 1
+    with pytest.raises(ConfigError, match="role teacher"):
+        prompted.train.role = "student"
+        build_task(prompted, loaded.model, None)
+    prompted.train.role = "teacher"
+
+
+def test_prompt_teacher_on_minilm_goes_through_inputs_embeds(tiny_config):
+    cfg = tiny_config(
+        *STAGE1, "--teacher.name", "lab-teacher", "--teacher.lock_text", "true",
+        "--train.steps", "1", "--train.batch_size", "8", "--data.train_size", "64",
+    )  # fmt: skip
+    train(cfg)
+    _check_stage1(cfg, dim=256)
+
+
+def _stage2(tiny_cache, prompted, tmp_path, *extra: str) -> RunConfig:
+    cfg = stage_config(tiny_cache, tmp_path / "run", "--train.steps", "2", *extra)
+    shutil.copytree(Path(prompted.run_dir) / "prompt_teacher", tmp_path / "run" / "prompt_teacher")
+    return cfg
+
+
+def test_comkd_and_promptkd_train_from_cache_and_text_bank(tiny_cache, prompted, tmp_path, monkeypatch):
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher must not be built in stage 2")
+
+    monkeypatch.setattr(train_module, "create_teacher", no_teacher)
+    cfg = _stage2(tiny_cache, prompted, tmp_path, "--train.method", "comkd")
+    train(cfg)
+    for r in _metrics(cfg, "comkd"):
+        assert r["kd"] >= 0 and r["align"] > 0
+        assert r["loss"] == pytest.approx(r["kd"] + r["align"], rel=1e-4)
+    heads = load_file(tmp_path / "run" / "comkd" / "heads.safetensors")
+    bank = torch.from_numpy(np.load(tmp_path / "run" / "prompt_teacher" / "text_bank.npy"))
+    assert torch.allclose(heads["head.text_bank"], bank, atol=1e-6)
+    assert "head.edu.alpha" in heads
+
+    cfg.train.method = "promptkd"
+    train(cfg)
+    for r in _metrics(cfg, "promptkd"):
+        assert r["align"] == 0.0 and r["alpha"] == 0.0 and r["loss"] == pytest.approx(r["kd"])
+    assert not any("edu" in k for k in load_file(tmp_path / "run" / "promptkd" / "heads.safetensors"))
+
+
+def test_comkd_student_evaluates_through_its_head(tiny_cache, prompted, tmp_path):
+    cfg = _stage2(tiny_cache, prompted, tmp_path, "--train.method", "comkd", "--train.steps", "1")
+    train(cfg)
+    head = load_head(tmp_path / "run" / "comkd")
+    assert isinstance(head, ComkdHead) and head.text_bank.shape == (10, 32)
+    cfg.eval.protocol = "all"
+    metrics = run_eval(cfg)
+    assert {"zeroshot_top1", "linear_probe_top1", "base_acc", "novel_acc", "hm", "domain_shift_avg"} <= set(
+        metrics
+    )
+    assert "retrieval_i2t_r1" not in metrics  # no text tower
+    student = create_student(cfg.student).model
+    assert metrics["params"] == count_parameters(student.visual) + count_parameters(head)
+    assert 0 <= metrics["hm"] <= 100
+
+
+def test_comkd_needs_the_text_bank(tiny_cache, tmp_path):
+    cfg = stage_config(tiny_cache, tmp_path / "run", "--train.method", "comkd")
+    model = create_student(cfg.student).model
+    with pytest.raises(ConfigError, match="prompt_teacher"):
+        build_task(cfg, model, TeacherCache(tmp_path / "run" / "cache"))
+
+
+def test_alpha_zero_is_identity_through_the_head():
+    torch.manual_seed(0)
+    bank = F.normalize(torch.randn(10, 16), dim=-1)
+    head = ComkdHead(8, bank, ComkdConfig(attention_scale=0.5))
+    plain = ComkdHead(8, bank, ComkdConfig(use_eduattention=False))
+    plain.projector.load_state_dict(head.projector.state_dict())
+    x = torch.randn(5, 8)
+    assert head.edu.alpha.item() == 0.0
+    assert torch.equal(head(x), head.project(x))
+    assert torch.allclose(head.logits(x), plain.logits(x))
+
+
+class _Unreadable:
+    """Stands in for the lab's labels: any read other than its length fails the test."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getattr__(self, name):
+        raise AssertionError(f"stage 2 read the labels ({name})")
+
+    def __getitem__(self, key):
+        raise AssertionError("stage 2 read the labels")
+
+
+class _GuardedBatch(dict):
+    def __getitem__(self, key):
+        if "label" in key:
+            raise AssertionError(f"stage 2 read batch[{key!r}]")
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        if "label" in key:
+            raise AssertionError(f"stage 2 read batch[{key!r}]")
+        return super().get(key, default)
+
+
+def test_stage2_never_reads_a_label(tiny_cache, prompted, tmp_path, monkeypatch):
+    real_split = lab_module._split
+
+    def unlabeled_split(*args):  # every split load_lab returns, to whoever calls it
+        split = real_split(*args)
+        split.labels = _Unreadable(len(split.labels))
+        return split
+
+    monkeypatch.setattr(lab_module, "_split", unlabeled_split)
+    cfg = _stage2(tiny_cache, prompted, tmp_path, "--train.method", "comkd")
+    assert train(cfg)["steps"] == 2  # the trainer and the task ran without touching a label
+
+    task = build_task(cfg, create_student(cfg.student).model, TeacherCache(tmp_path / "run" / "cache"))
+    batch = _GuardedBatch(
+        image=torch.randn(4, 3, 32, 32), teacher_image=F.normalize(torch.randn(4, 32), dim=-1)
+    )
+    batch["labels"] = torch.arange(4)
+    assert torch.isfinite(task(batch)["loss"])

@@ -1,0 +1,77 @@
+"""`clipdistill bench` around a stand-in for the lab pipeline: rows, aliases, schema, table, plots.
+
+The pipeline itself (`demo.run_demo`) is the demo's and is tested there; a real tiny bench takes
+minutes on CPU (zero-shot eval of the whole test split), so it is replaced here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import clipdistill.bench as bench
+from clipdistill.checkpoint import read_json, write_json
+from clipdistill.cli import main
+from clipdistill.config import to_dict
+from clipdistill.demo import METRICS, summarize
+
+
+@pytest.fixture
+def fake_pipeline(monkeypatch):
+    """run_demo that writes what the real one writes (results.json, each run's metrics.jsonl)."""
+    trained: list[list[str]] = []
+
+    def run_demo(cfg):
+        trained.append(list(cfg.lab.rows))
+        results = {"teacher": {m: summarize([50.0]) for m in METRICS}}
+        for i, row in enumerate(cfg.lab.rows):
+            per_seed = []
+            for seed in cfg.lab.seeds:
+                folder = Path(cfg.run_dir) / (row if len(cfg.lab.seeds) == 1 else f"{row}_seed{seed}")
+                folder.mkdir(parents=True)
+                lines = [json.dumps({"step": s, "loss": 4.0 - s / 10}) for s in (1, 2, 3)]
+                (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+                per_seed.append({m: 10.0 * i + seed for m in METRICS})
+            results[row] = {m: summarize([s[m] for s in per_seed]) for m in METRICS}
+        write_json(Path(cfg.run_dir) / cfg.lab.results, {"results": results, "config": to_dict(cfg)})
+        return {}
+
+    monkeypatch.setattr(bench, "run_demo", run_demo)
+    return trained
+
+
+def test_bench_writes_schema_table_and_plots(fake_pipeline, tmp_path, capsys):
+    run_dir = tmp_path / "bench"
+    rows = "[no_kd, fd, cid, cid_all_data, comkd_not_registered]"
+    assert main(["bench", "--run_dir", str(run_dir), "--lab.rows", rows]) == 0
+    assert "skipping 'comkd_not_registered'" in capsys.readouterr().out
+    assert fake_pipeline == [["no_kd", "fd", "cid"]]  # cid_all_data reuses cid: trained once
+    report = read_json(run_dir / "results.json")
+    results = report["results"]
+    assert set(results) == {"teacher", "no_kd", "fd", "cid", "cid_all_data"}
+    assert results["cid_all_data"] == results["cid"]
+    assert report["config"]["lab"]["seeds"] == [0, 1, 2]  # the bench default
+    for row in results.values():
+        for metric in row.values():
+            assert set(metric) == {"mean", "std", "values"}
+    assert len(results["fd"]["zeroshot_top1"]["values"]) == 3
+    assert results["fd"]["zeroshot_top1"]["std"] == pytest.approx(1.0)
+    table = (run_dir / "results.md").read_text()
+    assert "| cid_all_data |" in table and "±" in table
+    for name in ("accuracy.png", "curves.png", "accuracy_vs_time.png"):
+        assert (run_dir / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_only_picks_a_group_and_command_line_wins(fake_pipeline, tmp_path):
+    run_dir = tmp_path / "bench"
+    assert main(["bench", "--run_dir", str(run_dir), "--only", "baselines", "--lab.seeds", "[0]"]) == 0
+    assert fake_pipeline == [["no_kd", "fd", "crd", "icl", "tinyclip_affinity", "openclip_distill", "cid"]]
+    assert read_json(run_dir / "results.json")["config"]["lab"]["seeds"] == [0]
+
+
+def test_bench_defaults_to_its_own_run_dir():
+    args = bench.bench_overrides(["--train.steps", "2"])
+    assert args[args.index("--run_dir") + 1] == "runs/bench" and args[-2:] == ["--train.steps", "2"]
+    assert "runs/bench" not in bench.bench_overrides(["--run_dir", "elsewhere"])
