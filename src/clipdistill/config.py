@@ -104,8 +104,8 @@ class ComkdConfig:
     """ComKD-CLIP (DESIGN 4): stage 1 prompt tuning of the teacher, stage 2 distillation."""
 
     n_ctx: int = 4  # learnable text context tokens (CoOp), class name after them
-    vpt_depth: int = 0  # deep visual prompts: not implemented yet, must stay 0
-    vpt_tokens: int = 0
+    vpt_depth: int = 0  # VPT-deep: blocks that get fresh visual prompts (0 = text prompts only)
+    vpt_tokens: int = 0  # visual prompt tokens per block (set with vpt_depth)
     base_fraction: float = 0.5  # share of classes that are "base" (labeled in stage 1)
     split_seed: int = 0
     attention_scale: float = 1.0  # C in EduAttention

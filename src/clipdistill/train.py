@@ -35,7 +35,7 @@ from clipdistill.checkpoint import (
 from clipdistill.config import ConfigError, RunConfig, fingerprint, to_dict
 from clipdistill.data.sources import ShardPairs, StepSampler, make_pair_source
 from clipdistill.distributed import DistInfo, all_reduce_mean, init_distributed
-from clipdistill.methods import build_task, needs_teacher_cache
+from clipdistill.methods import build_task, method_sections, needs_teacher_cache
 from clipdistill.models.factory import create_student, create_teacher
 
 # Settings that may change between a run and its resume without changing the result.
@@ -98,12 +98,12 @@ def autocast_for(device: torch.device, enabled: bool):
 
 
 def _fingerprinted(values: dict) -> dict:
-    """The settings a training result depends on: not logging, evaluation or the demo's plan (`lab`)."""
-    values = copy.deepcopy(values)
+    """The settings a training result depends on: the data, the models, the trainer and the
+    method's own sections; not logging, evaluation, the demo's plan or other methods' settings."""
+    sections = ("data", "teacher", "student", "train", *method_sections(values["train"]["method"]))
+    values = copy.deepcopy({key: values[key] for key in sections if key in values})
     for key in RESUME_FREE_KEYS:
         values["train"].pop(key, None)
-    values.pop("eval", None)
-    values.pop("lab", None)
     return values
 
 

@@ -16,12 +16,13 @@ import clipdistill.data.lab as lab_module
 import clipdistill.train as train_module
 from cid_fixtures import build_tiny_cache, stage_config
 from clipdistill.cache import TeacherCache
-from clipdistill.config import ComkdConfig, ConfigError, RunConfig
+from clipdistill.config import ComkdConfig, ConfigError, ModelConfig, RunConfig
 from clipdistill.evaluate.run import run_eval
 from clipdistill.methods import build_task, needs_teacher_cache
 from clipdistill.methods.comkd import ComkdHead, load_head
+from clipdistill.methods.prompt_teacher import attach_visual_prompts
 from clipdistill.models.factory import count_parameters, create_student, create_teacher
-from clipdistill.models.prompts import TextPromptLearner
+from clipdistill.models.prompts import TextPromptLearner, VisualPromptLearner
 from clipdistill.train import train
 from conftest import needs_lab
 
@@ -209,3 +210,45 @@ def test_stage2_never_reads_a_label(tiny_cache, prompted, tmp_path, monkeypatch)
     )
     batch["labels"] = torch.arange(4)
     assert torch.isfinite(task(batch)["loss"])
+
+
+def test_visual_prompts_change_only_the_prompted_features():
+    torch.manual_seed(0)
+    model = create_teacher(ModelConfig(name="lab-student-tiny")).model
+    x = torch.randn(3, 3, 32, 32)
+    empty = VisualPromptLearner(model.visual, depth=1, n_tokens=0)
+    assert torch.allclose(empty(model.visual, x), model.encode_image(x), atol=1e-5)  # no prompts: plain ViT
+    vpt = VisualPromptLearner(model.visual, depth=1, n_tokens=2)
+    y = vpt(model.visual, x)
+    assert y.shape == (3, 32) and not torch.allclose(y, model.encode_image(x))
+    y.sum().backward()
+    assert vpt.prompts.grad.abs().sum() > 0 and all(p.grad is None for p in model.parameters())
+
+
+def test_vpt_teacher_features_replace_the_cache_in_stage2(tiny_cache, tmp_path):
+    vpt = ("--comkd.vpt_depth", "1", "--comkd.vpt_tokens", "2")
+    cfg = stage_config(tiny_cache, tmp_path / "run", *STAGE1, *vpt, "--train.steps", "2")
+    init = build_task(cfg, _initial_teacher(cfg).model, None).visual_prompts.prompts.detach().clone()
+    train(cfg)
+    out = tmp_path / "run" / "prompt_teacher"
+    assert not torch.allclose(load_file(out / "heads.safetensors")["visual_prompts.prompts"], init)
+    features = np.load(out / "image_features.npy")
+    cache = TeacherCache(tmp_path / "run" / "cache")
+    plain, _ = cache.rows(np.arange(len(cache)))
+    assert features.shape == (len(cache), 32) and not np.allclose(features, plain.numpy(), atol=1e-3)
+
+    teacher = _initial_teacher(cfg).model
+    x = torch.randn(2, 3, 32, 32)
+    plain_x = teacher.encode_image(x)
+    attach_visual_prompts(teacher, out)
+    assert not torch.allclose(teacher.encode_image(x), plain_x)  # eval sees the prompted teacher
+    cfg.eval.protocol = "base_to_novel"
+    assert 0 <= run_eval(cfg)["hm"] <= 100
+
+    stage2 = stage_config(tiny_cache, tmp_path / "run2", "--train.method", "comkd", "--train.steps", "2")
+    shutil.copytree(out, tmp_path / "run2" / "prompt_teacher")
+    task = build_task(stage2, create_student(stage2.student).model, cache)
+    assert torch.equal(task.teacher_images, torch.from_numpy(features))
+    batch = {"image": torch.randn(4, 3, 32, 32), "cache_row": torch.tensor([0, 5, 7, 9])}
+    assert torch.isfinite(task(batch)["loss"])  # no cached teacher_image needed
+    assert train(stage2)["steps"] == 2

@@ -20,6 +20,7 @@ from clipdistill.evaluate.protocols import base_novel_split, base_to_novel, doma
 from clipdistill.evaluate.retrieval import retrieval_recall
 from clipdistill.evaluate.zeroshot import predict_with_classifier, zeroshot_accuracy, zeroshot_classifier
 from clipdistill.methods.comkd import TEXT_BANK, load_head
+from clipdistill.methods.prompt_teacher import attach_visual_prompts
 from clipdistill.models.factory import LoadedModel, count_parameters, create_teacher
 from clipdistill.train import resolve_device
 
@@ -95,6 +96,7 @@ def evaluate_model(cfg: RunConfig, name: str) -> dict:
             return head(features.to(device)).float().cpu()
     elif name != "teacher" and (Path(cfg.run_dir) / name / TEXT_BANK).is_file():  # a prompt-tuned teacher
         classifier = torch.from_numpy(np.load(Path(cfg.run_dir) / name / TEXT_BANK)).T
+        attach_visual_prompts(loaded.model, Path(cfg.run_dir) / name)
 
         def class_features(features: torch.Tensor) -> torch.Tensor:
             return features

@@ -31,6 +31,20 @@ METHODS: dict[str, tuple[Builder, bool]] = {
 }
 
 
+# Config sections each method reads besides data, models and trainer (part of its run's fingerprint).
+SECTIONS = {
+    "cid": ("cid", "cluster", "balance"),
+    "prompt_teacher": ("comkd",),
+    "comkd": ("comkd",),
+    "promptkd": ("comkd",),
+    **{kind: ("distill",) for kind in BASELINES},
+}
+
+
+def method_sections(method: str) -> tuple[str, ...]:
+    return SECTIONS.get(method, ())
+
+
 def needs_teacher_cache(method: str) -> bool:
     return _lookup(method)[1]
 

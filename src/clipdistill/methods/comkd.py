@@ -3,7 +3,8 @@
 The student's image encoder and a head (projector P, EduAttention, the teacher's text bank W_t)
 train against the teacher's cached image features u_t: refinement KL between the two zero-shot
 distributions over W_t, plus IFAlign. No labels and no teacher model are involved: u_t comes from
-the cache, W_t from stage 1's `text_bank.npy`. Inference: encoder -> P -> EduAttention -> W_t.
+the cache (or, when stage 1 learned visual prompts, its `image_features.npy`), W_t from stage 1's
+`text_bank.npy`. Inference: encoder -> P -> EduAttention -> W_t.
 PromptKD is the same recipe with IFAlign and EduAttention off.
 """
 
@@ -22,6 +23,7 @@ from clipdistill.config import ComkdConfig, ConfigError, RunConfig, config_from_
 from clipdistill.losses.comkd import EduAttention, IFAlignLoss, Projector, RefinementKDLoss
 
 TEXT_BANK = "text_bank.npy"  # written by stage 1 (methods/prompt_teacher.py)
+IMAGE_FEATURES = "image_features.npy"  # stage 1 with visual prompts: the prompted teacher's u_t per row
 COMKD_METHODS = ("comkd", "promptkd")
 
 
@@ -57,7 +59,13 @@ class ComkdTask(nn.Module):
     parameter gets a gradient. The batch's labels, if any, are never read.
     """
 
-    def __init__(self, model: nn.Module, text_bank: torch.Tensor, cfg: ComkdConfig) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        text_bank: torch.Tensor,
+        cfg: ComkdConfig,
+        teacher_images: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("visual.")
@@ -66,9 +74,13 @@ class ComkdTask(nn.Module):
         self.head = ComkdHead(int(model.visual.output_dim), text_bank, cfg)
         self.kd_loss = RefinementKDLoss(cfg.temperature, cfg.logit_scale)
         self.align_loss = IFAlignLoss() if cfg.use_ifalign else None
+        self.register_buffer("teacher_images", teacher_images, persistent=False)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        teacher_image = batch["teacher_image"]
+        if self.teacher_images is not None:  # VPT changed the teacher's features: stage 1's, by cache row
+            teacher_image = self.teacher_images[batch["cache_row"].to(self.teacher_images.device)].float()
+        else:
+            teacher_image = batch["teacher_image"]
         student = self.model.encode_image(batch["image"])
         p = self.head.project(student)
         f_e = self.head.edu(p, self.head.text_bank) if self.head.edu is not None else p
@@ -93,18 +105,21 @@ def comkd_settings(cfg: RunConfig) -> ComkdConfig:
     return settings
 
 
+def prompt_teacher_folder(cfg: RunConfig) -> Path:
+    """Stage 1's folder, or (a multi-seed lab) the stage-1 run of the same seed."""
+    configured = Path(cfg.run_dir) / cfg.comkd.prompt_teacher
+    for folder in (configured, Path(f"{configured}_seed{cfg.train.seed}")):
+        if (folder / TEXT_BANK).is_file():
+            return folder
+    raise ConfigError(
+        f"train.method {cfg.train.method} needs the prompt-tuned teacher's text bank "
+        f"{configured / TEXT_BANK}: run `clipdistill train --train.role teacher "
+        "--train.method prompt_teacher` first"
+    )
+
+
 def load_text_bank(cfg: RunConfig) -> torch.Tensor:
-    """W_t from stage 1's folder, or (a multi-seed lab) from the stage-1 run of the same seed."""
-    configured = Path(cfg.run_dir) / cfg.comkd.prompt_teacher / TEXT_BANK
-    path = configured
-    if not path.is_file():
-        path = Path(cfg.run_dir) / f"{cfg.comkd.prompt_teacher}_seed{cfg.train.seed}" / TEXT_BANK
-    if not path.is_file():
-        raise ConfigError(
-            f"train.method {cfg.train.method} needs the prompt-tuned teacher's text bank {configured}: run "
-            "`clipdistill train --train.role teacher --train.method prompt_teacher` first"
-        )
-    return torch.from_numpy(np.load(path, allow_pickle=False))
+    return torch.from_numpy(np.load(prompt_teacher_folder(cfg) / TEXT_BANK, allow_pickle=False))
 
 
 def build_comkd(cfg: RunConfig, model: nn.Module, cache) -> ComkdTask:
@@ -118,7 +133,13 @@ def build_comkd(cfg: RunConfig, model: nn.Module, cache) -> ComkdTask:
             f"the teacher cache has image width {cache.meta.image_dim} but the text bank "
             f"{text_bank.shape[1]}: embed and prompt_teacher must use the same teacher"
         )
-    return ComkdTask(model, text_bank, comkd_settings(cfg))
+    teacher_images = None
+    features = prompt_teacher_folder(cfg) / IMAGE_FEATURES
+    if features.is_file():
+        teacher_images = torch.from_numpy(np.load(features, allow_pickle=False))
+        if cache is not None and len(teacher_images) != len(cache):
+            raise ConfigError(f"{features} has {len(teacher_images)} rows but the teacher cache {len(cache)}")
+    return ComkdTask(model, text_bank, comkd_settings(cfg), teacher_images)
 
 
 def load_head(folder: str | Path) -> ComkdHead | None:

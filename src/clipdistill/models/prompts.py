@@ -1,16 +1,20 @@
-"""CoOp text prompts for a frozen open_clip teacher: `[CLS] ctx_1 .. ctx_n <class name> [SEP]`.
+"""Prompts for a frozen open_clip teacher: CoOp text context and VPT-deep visual prompts.
 
+Text: `[CLS] ctx_1 .. ctx_n <class name> [SEP]`.
 The n context vectors are the only trainable weights; they replace the word embeddings of n
 placeholder tokens, so the frozen text tower runs unchanged. Two towers are supported:
 open_clip's own text transformer (`CLIP`, through its token embedding) and a Hugging Face tower
 (`CustomTextCLIP`, such as the lab's MiniLM, through `inputs_embeds`).
+
+Visual (VPT-deep, Jia et al. 2022): fresh learnable tokens after the class token at each of the
+first `depth` blocks of an open_clip ViT; they are dropped before pooling.
 """
 
 from __future__ import annotations
 
 import torch
 from open_clip.hf_model import HFTextEncoder
-from open_clip.transformer import text_global_pool
+from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
 
 CTX_INIT = "a photo of a"  # CoOp's initialisation: the context starts as a hand-written prompt
@@ -68,3 +72,29 @@ class TextPromptLearner(nn.Module):
         if proj is None:
             return x
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+
+class VisualPromptLearner(nn.Module):
+    """VPT-deep: `n_tokens` prompts per block for the first `depth` blocks; the ViT stays frozen."""
+
+    def __init__(self, visual: nn.Module, depth: int, n_tokens: int) -> None:
+        super().__init__()
+        if not isinstance(visual, VisionTransformer):
+            raise TypeError("deep visual prompts need an open_clip VisionTransformer image tower")
+        layers = len(visual.transformer.resblocks)
+        if not 1 <= depth <= layers or n_tokens < 0:
+            raise ValueError(f"comkd.vpt_depth must be in 1..{layers} and vpt_tokens >= 0")
+        self.prompts = nn.Parameter(torch.randn(depth, n_tokens, visual.conv1.out_channels) * 0.02)
+
+    def forward(self, visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image features of the prompted `visual` (what `encode_image` returns)."""
+        x = visual._embeds(images)  # [B, 1 + patches, width]
+        depth, n = self.prompts.shape[:2]
+        for i, block in enumerate(visual.transformer.resblocks):
+            if i < depth:  # replace the previous block's prompts (none before block 0) with fresh ones
+                prompts = self.prompts[i].to(x.dtype).expand(len(x), -1, -1)
+                x = torch.cat([x[:, :1], prompts, x[:, 1 + (n if i else 0) :]], dim=1)
+            x = block(x) if visual.transformer.batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+        x = torch.cat([x[:, :1], x[:, 1 + n :]], dim=1)  # pool over the class token and patches only
+        pooled, _ = visual._pool(x)
+        return pooled @ visual.proj if visual.proj is not None else pooled
