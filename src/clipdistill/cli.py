@@ -23,6 +23,9 @@ STAGES = {
     "eval": "zero-shot, linear probe and retrieval of a trained model (--protocol: base/novel, domain)",
     "demo": "the whole lab end to end: teacher, cache, students, evaluation, results table",
     "bench": "the full lab grid over 3 seeds in runs/bench: results.json, results.md, plots",
+    "export": "a trained model as an open_clip folder and ONNX encoders (--format open_clip|onnx|all)",
+    "predict": "zero-shot labels of image files or folders (clipdistill predict --help)",
+    "embed-images": "embeddings of an image folder for retrieval: PATH.npy + PATH.ids.txt",
 }
 
 
@@ -51,10 +54,19 @@ def _run_stage(stage: str, cfg: RunConfig, only: str | None = None) -> dict:
         from clipdistill.bench import run_bench
 
         return run_bench(cfg, only)
+    if stage == "export":
+        from clipdistill.export import run_export
+
+        return run_export(cfg)
     raise AssertionError(stage)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("predict", "embed-images"):  # positional paths: their own parser
+        from clipdistill.predict import main as predict_main
+
+        return predict_main(argv)
     parser = argparse.ArgumentParser(
         prog="clipdistill",
         description="Distil a CLIP teacher into a small student. Every option of the config file can be "
@@ -62,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="stages:\n" + "\n".join(f"  {k:8s} {v}" for k, v in STAGES.items()),
     )
-    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("stage", choices=sorted(set(STAGES) - {"predict", "embed-images"}))
     parser.add_argument("--config", help="YAML run config (defaults: the Fashion-MNIST lab)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--only", choices=("cid", "comkd", "baselines"), help="bench: one group of rows")
@@ -71,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=("standard", "base_to_novel", "domain", "all"),
         help="eval: short for --eval.protocol (base_to_novel: base/novel/HM; domain: shifted test sets)",
     )
+    parser.add_argument("--format", choices=("open_clip", "onnx", "all"), help="export: --export.format")
     args, overrides = parser.parse_known_args(argv)
     if args.protocol:
         overrides = [*overrides, "--eval.protocol", args.protocol]
+    if args.format:
+        overrides = [*overrides, "--export.format", args.format]
     try:
         if args.stage == "bench":  # its own run dir, seeds and rows unless given on the command line
             from clipdistill.bench import bench_overrides

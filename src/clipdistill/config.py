@@ -161,6 +161,15 @@ class LabConfig:
 
 
 @dataclass
+class ExportConfig:
+    """`export`: a trained model as an open_clip folder and ONNX encoders, in <run_dir>/<model>/export/."""
+
+    model: str = ""  # a train folder name under the run dir ("" = train.name or train.method)
+    format: str = "all"  # open_clip | onnx | all
+    opset: int = 17
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/demo"
     data: DataConfig = field(default_factory=DataConfig)
@@ -175,6 +184,7 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def _field_types(cls: type) -> dict[str, Any]:

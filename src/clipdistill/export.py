@@ -1,0 +1,173 @@
+"""The `export` stage: a trained model as files that ship without this package.
+
+`export/open_clip/` loads with `open_clip.create_model("local-dir:<folder>")` (weights, config and
+tokenizer files in one folder); `export/onnx/` holds image and text encoders for onnxruntime, the
+preprocessing they expect, and for ComKD students the head and the class-text bank they classify with.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipdistill.checkpoint import atomic_write, save_state_dict, write_json
+from clipdistill.config import ConfigError, RunConfig
+from clipdistill.methods.comkd import ComkdHead, load_head
+from clipdistill.models.factory import LoadedModel, _resolve_hf_names
+
+FORMATS = ("open_clip", "onnx", "all")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+class _ImageEncoder(nn.Module):
+    """Pixels -> L2-normalised embedding: the normalisation belongs in the graph, not in every caller."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_image(pixels), dim=-1)
+
+
+class _TextEncoder(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(tokens), dim=-1)
+
+
+class _Head(nn.Module):
+    """Normalised student embedding -> normalised feature in the teacher's space (compare with the bank)."""
+
+    def __init__(self, head: ComkdHead) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(features), dim=-1)
+
+
+def tokenizer_spec(config: dict) -> dict:
+    """What rebuilds the tokenizer: the resolved Hugging Face folder ("" = open_clip's BPE) and the length."""
+    text = _resolve_hf_names(config).get("text_cfg", {})
+    name = text.get("hf_tokenizer_name") or text.get("hf_model_name") or ""
+    return {"hf_tokenizer_name": name, "context_length": int(text.get("context_length", 77))}
+
+
+def export_open_clip(loaded: LoadedModel, folder: Path) -> Path:
+    """open_clip's `local-dir:` layout; Hugging Face paths resolved and the tokenizer files copied in,
+    because open_clip reads an HF tokenizer of a local-dir model from that folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = _resolve_hf_names(loaded.config)
+    model_cfg = {k: v for k, v in config.items() if k != "preprocess_cfg"}
+    pre = loaded.preprocess
+    write_json(
+        folder / "open_clip_config.json",
+        {
+            "model_cfg": model_cfg,
+            "preprocess_cfg": {"size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std)},
+        },
+    )
+    tokenizer = tokenizer_spec(loaded.config)["hf_tokenizer_name"]
+    for name in TOKENIZER_FILES if tokenizer else ():
+        if (Path(tokenizer) / name).is_file():
+            shutil.copyfile(Path(tokenizer) / name, folder / name)
+    save_state_dict(loaded.model.state_dict(), folder / "open_clip_model.safetensors")
+    return folder
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to the temporary name
+        np.save(f, array)
+
+
+def _onnx(module: nn.Module, example: torch.Tensor, path: Path, names: tuple[str, str], opset: int) -> None:
+    """One encoder with a dynamic batch axis (TorchScript exporter: the dynamo one needs onnxscript)."""
+    module.eval()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused attention kernel has no ONNX export
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+        try:
+            atomic_write(
+                path,
+                lambda tmp: torch.onnx.export(
+                    module,
+                    (example,),
+                    str(tmp),
+                    input_names=[names[0]],
+                    output_names=[names[1]],
+                    dynamic_axes={names[0]: {0: "batch"}, names[1]: {0: "batch"}},
+                    opset_version=opset,
+                    dynamo=False,
+                ),
+            )
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def export_image_encoder(model: nn.Module, image_size: int, path: Path, opset: int = 17) -> Path:
+    """pixels [N, 3, S, S] float32 -> normalised embeddings [N, D]; N is dynamic."""
+    example = torch.zeros(2, 3, image_size, image_size)
+    _onnx(_ImageEncoder(model.cpu().eval()), example, path, ("pixels", "embedding"), opset)
+    return path
+
+
+def export_onnx(loaded: LoadedModel, folder: Path, head: ComkdHead | None = None, opset: int = 17) -> Path:
+    """image_encoder.onnx, text_encoder.onnx, preprocess.json; head.onnx + text_bank.npy for ComKD."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = loaded.model.cpu().eval()
+    size = loaded.preprocess.image_size
+    export_image_encoder(model, size, folder / "image_encoder.onnx", opset)
+    tokens = loaded.tokenizer(["a photo of a cat.", "a dog"]).long()
+    _onnx(_TextEncoder(model), tokens, folder / "text_encoder.onnx", ("tokens", "embedding"), opset)
+    spec = {
+        "image_size": size,
+        "mean": list(loaded.preprocess.mean),
+        "std": list(loaded.preprocess.std),
+        "tokenizer": tokenizer_spec(loaded.config),
+        "embed_dim": loaded.embed_dim,
+        "logit_scale": float(model.logit_scale.exp()),
+    }
+    if head is not None:
+        head = head.cpu().eval()
+        _onnx(
+            _Head(head),
+            torch.zeros(2, loaded.embed_dim),
+            folder / "head.onnx",
+            ("embedding", "feature"),
+            opset,
+        )
+        bank = head.text_bank.float().numpy()
+        atomic_write(folder / "text_bank.npy", lambda tmp: _save_npy(tmp, bank))
+        spec["head"] = {"logit_scale": float(head.logit_scale), "classes": int(bank.shape[0])}
+    write_json(folder / "preprocess.json", spec)
+    return folder
+
+
+def run_export(cfg: RunConfig) -> dict:
+    """Export `cfg.export.model` of the run dir in `cfg.export.format`."""
+    from clipdistill.evaluate.run import load_trained
+
+    fmt = cfg.export.format
+    if fmt not in FORMATS:
+        raise ConfigError(f"export.format must be one of {FORMATS}, not {fmt!r}")
+    name = cfg.export.model or cfg.train.name or cfg.train.method
+    loaded = load_trained(cfg, name)
+    out = Path(cfg.run_dir) / name / "export"
+    result: dict = {"model": name}
+    if fmt in ("open_clip", "all"):
+        result["open_clip"] = str(export_open_clip(loaded, out / "open_clip"))
+    if fmt in ("onnx", "all"):
+        head = load_head(Path(cfg.run_dir) / name) if name != "teacher" else None
+        result["onnx"] = str(export_onnx(loaded, out / "onnx", head, cfg.export.opset))
+    return result

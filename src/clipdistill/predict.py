@@ -1,0 +1,257 @@
+"""`predict` and `embed-images`: use a trained (or exported) model on image files.
+
+The same code runs the PyTorch model or its ONNX export, so what is measured in the lab is what ships.
+A bad image file is reported as skipped, never a crash: a folder of user photos always holds a few.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from clipdistill.checkpoint import atomic_write
+from clipdistill.config import ConfigError, load_config
+from clipdistill.data.images import BadSample, decode_image
+from clipdistill.data.sources import pil_transform
+from clipdistill.methods.comkd import ComkdHead
+from clipdistill.models.factory import LoadedModel, ModelLoadError, Preprocess, build_tokenizer
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+TEMPLATE = "a photo of a {}."
+
+
+class TorchBackend:
+    """A trained model (and ComKD head) in PyTorch, on the CPU."""
+
+    def __init__(self, loaded: LoadedModel, head: ComkdHead | None = None) -> None:
+        self.loaded, self.head = loaded, head
+        self.preprocess = loaded.preprocess
+        self.logit_scale = float(loaded.model.logit_scale.exp())
+        self.bank = head.text_bank.float().numpy() if head is not None else None
+        self.bank_scale = float(head.logit_scale) if head is not None else 0.0
+
+    @torch.no_grad()
+    def images(self, pixels: np.ndarray) -> np.ndarray:
+        return F.normalize(self.loaded.model.encode_image(torch.from_numpy(pixels)), dim=-1).numpy()
+
+    @torch.no_grad()
+    def texts(self, texts: list[str]) -> np.ndarray:
+        return F.normalize(self.loaded.encode_text(texts), dim=-1).numpy()
+
+    @torch.no_grad()
+    def to_bank(self, features: np.ndarray) -> np.ndarray:
+        return F.normalize(self.head(torch.from_numpy(features)), dim=-1).numpy()
+
+
+class OnnxBackend:
+    """An `export/onnx` folder run by onnxruntime (the tokenizer still comes from open_clip)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        import onnxruntime as ort
+
+        folder = Path(folder)
+        spec = json.loads((folder / "preprocess.json").read_text())
+        self.preprocess = Preprocess(spec["image_size"], tuple(spec["mean"]), tuple(spec["std"]))
+        self.logit_scale = float(spec["logit_scale"])
+
+        def session(name: str) -> ort.InferenceSession:
+            return ort.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"])
+
+        self.image_session, self.text_session = session("image_encoder.onnx"), session("text_encoder.onnx")
+        tokenizer = spec["tokenizer"]
+        self.tokenizer = build_tokenizer({"text_cfg": {k: v for k, v in tokenizer.items() if v}})
+        self.head_session, self.bank, self.bank_scale = None, None, 0.0
+        if "head" in spec:
+            self.head_session = session("head.onnx")
+            self.bank = np.load(folder / "text_bank.npy")
+            self.bank_scale = float(spec["head"]["logit_scale"])
+
+    def images(self, pixels: np.ndarray) -> np.ndarray:
+        return self.image_session.run(None, {"pixels": pixels})[0]
+
+    def texts(self, texts: list[str]) -> np.ndarray:
+        tokens = self.tokenizer(texts).long().numpy()
+        return self.text_session.run(None, {"tokens": tokens})[0]
+
+    def to_bank(self, features: np.ndarray) -> np.ndarray:
+        return self.head_session.run(None, {"embedding": features})[0]
+
+
+def expand_images(paths: list[str]) -> list[Path]:
+    """Files as given (a bad one is then reported) and the sorted image files under each folder."""
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            out += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(path)
+    return out
+
+
+def read_labels(labels: str | None, labels_file: str | None) -> list[str]:
+    """Comma-separated labels, or a file with one per line (blank lines and # comments ignored)."""
+    if labels_file:
+        lines = Path(labels_file).read_text().splitlines()
+        names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        names = [name.strip() for name in (labels or "").split(",") if name.strip()]
+    if len(names) < 2:
+        raise ValueError(f"need at least two labels to choose between, got {names}")
+    return names
+
+
+def pixel_batches(
+    files: list[Path], preprocess: Preprocess, batch_size: int, skipped: list[dict]
+) -> Iterator[tuple[list[Path], np.ndarray]]:
+    """Decoded, normalised batches; undecodable files go to `skipped` with the reason."""
+    transform = pil_transform(preprocess)
+    for start in tqdm(range(0, len(files), batch_size), desc="images", unit="batch", leave=False):
+        good, pixels = [], []
+        for path in files[start : start + batch_size]:
+            try:
+                pixels.append(transform(decode_image(path)))
+                good.append(path)
+            except BadSample as e:
+                skipped.append({"image": str(path), "reason": e.reason, "message": str(e)})
+        if good:
+            yield good, torch.stack(pixels).numpy().astype(np.float32)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def predict(backend, files: list[Path], labels: list[str], batch_size: int = 64) -> dict:
+    """Zero-shot probabilities over `labels` for each image; a ComKD student scores them with its
+    head against the stored class-text bank, so its labels must name the bank's classes in order."""
+    if backend.bank is not None:
+        if len(labels) != len(backend.bank):
+            raise ValueError(
+                f"this ComKD student classifies into the {len(backend.bank)} classes of its text bank: "
+                f"give {len(backend.bank)} labels naming them in order, not {len(labels)}"
+            )
+        classes, scale = backend.bank, backend.bank_scale
+    else:
+        classes, scale = backend.texts([TEMPLATE.format(label) for label in labels]), backend.logit_scale
+    skipped: list[dict] = []
+    rows = []
+    for paths, pixels in pixel_batches(files, backend.preprocess, batch_size, skipped):
+        features = backend.images(pixels)
+        if backend.bank is not None:
+            features = backend.to_bank(features)
+        for path, p in zip(paths, _softmax(scale * features @ classes.T), strict=True):
+            best = int(p.argmax())
+            probs = {label: round(float(q), 6) for label, q in zip(labels, p, strict=True)}
+            rows.append(
+                {"image": str(path), "label": labels[best], "prob": round(float(p[best]), 6), "probs": probs}
+            )
+    return {"predictions": rows, "skipped": skipped}
+
+
+def embed_images(backend, folder: str | Path, out: str | Path, batch_size: int = 64) -> dict:
+    """`out.npy` (float32, L2-normalised, one row per readable image) and `out.ids.txt` (paths under
+    `folder`, same order), the two files a retrieval index is built from."""
+    folder, out = Path(folder), Path(out)
+    files = expand_images([str(folder)])
+    skipped: list[dict] = []
+    ids, feats = [], []
+    for paths, pixels in pixel_batches(files, backend.preprocess, batch_size, skipped):
+        feats.append(backend.images(pixels).astype(np.float32))
+        ids += [str(p.relative_to(folder)) for p in paths]
+    array = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    atomic_write(out.with_name(out.name + ".npy"), save)
+    atomic_write(
+        out.with_name(out.name + ".ids.txt"), lambda tmp: tmp.write_text("".join(i + "\n" for i in ids))
+    )
+    return {"embeddings": f"{out}.npy", "ids": f"{out}.ids.txt", "count": len(ids), "skipped": skipped}
+
+
+def load_backend(model: str, backend: str, config: str | None, run_dir: str | None):
+    """An export folder (onnx/ or open_clip/) or a train folder name under the run dir."""
+    path = Path(model)
+    if (path / "preprocess.json").is_file():
+        return OnnxBackend(path)
+    if (path / "open_clip_config.json").is_file():
+        import open_clip
+
+        oc = json.loads((path / "open_clip_config.json").read_text())
+        pre = oc["preprocess_cfg"]
+        net = open_clip.create_model("local-dir:" + str(path)).eval().requires_grad_(False)
+        tokenizer = open_clip.get_tokenizer("local-dir:" + str(path))
+        preprocess = Preprocess(int(pre["size"]), tuple(pre["mean"]), tuple(pre["std"]))
+        return TorchBackend(LoadedModel(net, tokenizer, preprocess, oc["model_cfg"], str(path)))
+    from clipdistill.evaluate.run import load_trained
+    from clipdistill.methods.comkd import load_head
+
+    cfg = load_config(config, ["--run_dir", run_dir] if run_dir else [])
+    if backend == "onnx":
+        folder = Path(cfg.run_dir) / model / "export" / "onnx"
+        if not (folder / "preprocess.json").is_file():
+            from clipdistill.export import export_onnx
+
+            head = load_head(Path(cfg.run_dir) / model) if model != "teacher" else None
+            export_onnx(load_trained(cfg, model), folder, head)
+        return OnnxBackend(folder)
+    head = load_head(Path(cfg.run_dir) / model) if model != "teacher" else None
+    return TorchBackend(load_trained(cfg, model), head)
+
+
+def _table(result: dict) -> str:
+    lines = [f"{'image':40s} {'label':20s} prob"]
+    lines += [f"{r['image']:40s} {r['label']:20s} {r['prob']:.4f}" for r in result["predictions"]]
+    lines += [f"skipped {s['image']}: {s['reason']}" for s in result["skipped"]]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipdistill")
+    sub = parser.add_subparsers(dest="stage", required=True)
+    pred = sub.add_parser("predict", help="zero-shot labels of image files or folders")
+    pred.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    labels = pred.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", help='comma-separated class names, e.g. "cat,dog,bird"')
+    labels.add_argument("--labels-file", help="class names, one per line")
+    pred.add_argument("--format", choices=("json", "table"), default="json")
+    emb = sub.add_parser("embed-images", help="embeddings of an image folder: OUT.npy + OUT.ids.txt")
+    emb.add_argument("folder")
+    emb.add_argument("--out", required=True, help="output path prefix")
+    for p in (pred, emb):
+        p.add_argument("--model", required=True, help="train folder name in the run dir, or an export folder")
+        p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--config", help="YAML run config (for the run dir)")
+        p.add_argument("--run-dir", help="the run dir holding --model (default: the config's)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        backend = load_backend(args.model, args.backend, args.config, args.run_dir)
+        if args.stage == "embed-images":
+            result = embed_images(backend, args.folder, args.out, args.batch_size)
+        else:
+            files = expand_images(args.images)
+            result = predict(backend, files, read_labels(args.labels, args.labels_file), args.batch_size)
+            if args.format == "table":
+                print(_table(result))
+                return 0
+    except (ConfigError, ModelLoadError, FileNotFoundError, ValueError) as e:
+        print(f"clipdistill {args.stage}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,110 @@
+"""`predict` and `embed-images`: zero-shot labels and embeddings of image files, PyTorch or ONNX."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipdistill.evaluate.run import load_trained
+from clipdistill.export import export_onnx
+from clipdistill.predict import (
+    OnnxBackend,
+    TorchBackend,
+    embed_images,
+    expand_images,
+    load_backend,
+    predict,
+    read_labels,
+)
+from conftest import run_cli
+from test_export import fake_run
+
+LABELS = ["cat", "dog", "ankle boot"]
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """Five readable images (one grey, one in a subfolder) and two broken files."""
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(folder / "sub" / "grey.jpg")
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("ignored: not an image suffix")
+    return folder
+
+
+@pytest.fixture
+def run(tiny_config):
+    cfg = tiny_config()
+    fake_run(cfg, "student")
+    return cfg
+
+
+def test_expand_and_labels(images, tmp_path):
+    files = expand_images([str(images)])
+    assert [p.name for p in files] == sorted(p.name for p in files if p.parent == images) + ["grey.jpg"]
+    assert len(files) == 7 and not any(p.suffix == ".txt" for p in files)
+    assert read_labels(" cat, dog ,,bird", None) == ["cat", "dog", "bird"]
+    (tmp_path / "labels.txt").write_text("# classes\ncat\n\ndog\n")
+    assert read_labels(None, str(tmp_path / "labels.txt")) == ["cat", "dog"]
+    with pytest.raises(ValueError):
+        read_labels("cat", None)
+
+
+def test_torch_and_onnx_agree_and_skip_bad_files(run, images, tmp_path):
+    loaded = load_trained(run, "student")
+    onnx = OnnxBackend(export_onnx(loaded, tmp_path / "onnx"))
+    files = expand_images([str(images)])
+    by_torch = predict(TorchBackend(loaded), files, LABELS, batch_size=2)
+    by_onnx = predict(onnx, files, LABELS, batch_size=3)
+    assert len(by_torch["predictions"]) == 5
+    skipped = {Path(s["image"]).name: s["reason"] for s in by_torch["skipped"]}
+    assert skipped == {"broken.png": "unreadable", "empty.jpg": "empty_file"}
+    for a, b in zip(by_torch["predictions"], by_onnx["predictions"], strict=True):
+        assert a["image"] == b["image"] and a["label"] == b["label"]
+        assert abs(sum(a["probs"].values()) - 1) < 1e-4
+        assert max(abs(a["probs"][k] - b["probs"][k]) for k in LABELS) < 1e-3
+
+
+def test_comkd_predict_uses_head_and_bank(tiny_config, images, tmp_path):
+    cfg = tiny_config()
+    fake_run(cfg, "kd", method="comkd")
+    backend = load_backend("kd", "onnx", None, cfg.run_dir)
+    assert backend.bank is not None and backend.bank.shape == (5, 24)
+    files = expand_images([str(images)])
+    result = predict(backend, files, list("abcde"))
+    assert len(result["predictions"]) == 5
+    with pytest.raises(ValueError, match="5 classes"):
+        predict(backend, files, LABELS)
+
+
+def test_embed_images(run, images, tmp_path):
+    backend = TorchBackend(load_trained(run, "student"))
+    result = embed_images(backend, images, tmp_path / "out" / "emb", batch_size=4)
+    array = np.load(tmp_path / "out" / "emb.npy")
+    ids = (tmp_path / "out" / "emb.ids.txt").read_text().splitlines()
+    assert array.shape == (5, 32) and array.dtype == np.float32 and result["count"] == 5
+    assert np.allclose(np.linalg.norm(array, axis=1), 1, atol=1e-5)
+    assert ids[-1] == "sub/grey.jpg" and len(ids) == 5
+
+
+def test_cli_predict_table_and_json(run, images, tmp_path):
+    args = ["--model", "student", "--run-dir", run.run_dir, "--labels", ",".join(LABELS)]
+    done = run_cli(
+        ["predict", str(images / "img0.png"), str(images / "broken.png"), *args, "--format", "table"]
+    )
+    assert done.returncode == 0, done.stderr
+    assert "img0.png" in done.stdout and "skipped" in done.stdout
+    done = run_cli(["predict", str(images), *args, "--backend", "onnx", "--batch-size", "2"])
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert len(result["predictions"]) == 5 and len(result["skipped"]) == 2
+    assert (Path(run.run_dir) / "student" / "export" / "onnx" / "image_encoder.onnx").is_file()
