@@ -63,6 +63,15 @@ def tokenizer_spec(config: dict) -> dict:
     return {"hf_tokenizer_name": name, "context_length": int(text.get("context_length", 77))}
 
 
+def copy_tokenizer(loaded: LoadedModel, folder: Path) -> bool:
+    """Copy a Hugging Face tokenizer's files into `folder`, so the export needs no other folder."""
+    tokenizer = tokenizer_spec(loaded.config)["hf_tokenizer_name"]
+    for name in TOKENIZER_FILES if tokenizer else ():
+        if (Path(tokenizer) / name).is_file():
+            shutil.copyfile(Path(tokenizer) / name, folder / name)
+    return bool(tokenizer)
+
+
 def export_open_clip(loaded: LoadedModel, folder: Path) -> Path:
     """open_clip's `local-dir:` layout; Hugging Face paths resolved and the tokenizer files copied in,
     because open_clip reads an HF tokenizer of a local-dir model from that folder."""
@@ -77,10 +86,7 @@ def export_open_clip(loaded: LoadedModel, folder: Path) -> Path:
             "preprocess_cfg": {"size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std)},
         },
     )
-    tokenizer = tokenizer_spec(loaded.config)["hf_tokenizer_name"]
-    for name in TOKENIZER_FILES if tokenizer else ():
-        if (Path(tokenizer) / name).is_file():
-            shutil.copyfile(Path(tokenizer) / name, folder / name)
+    copy_tokenizer(loaded, folder)
     save_state_dict(loaded.model.state_dict(), folder / "open_clip_model.safetensors")
     return folder
 
@@ -134,7 +140,9 @@ def export_onnx(loaded: LoadedModel, folder: Path, head: ComkdHead | None = None
         "image_size": size,
         "mean": list(loaded.preprocess.mean),
         "std": list(loaded.preprocess.std),
-        "tokenizer": tokenizer_spec(loaded.config),
+        # "." = the tokenizer files copied next to the encoders ("" = open_clip's own BPE)
+        "tokenizer": tokenizer_spec(loaded.config)
+        | {"hf_tokenizer_name": "." if copy_tokenizer(loaded, folder) else ""},
         "embed_dim": loaded.embed_dim,
         "logit_scale": float(model.logit_scale.exp()),
     }

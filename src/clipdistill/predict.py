@@ -66,7 +66,9 @@ class OnnxBackend:
             return ort.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"])
 
         self.image_session, self.text_session = session("image_encoder.onnx"), session("text_encoder.onnx")
-        tokenizer = spec["tokenizer"]
+        tokenizer = dict(spec["tokenizer"])
+        if tokenizer.get("hf_tokenizer_name"):  # stored relative to the export folder
+            tokenizer["hf_tokenizer_name"] = str((folder / tokenizer["hf_tokenizer_name"]).resolve())
         self.tokenizer = build_tokenizer({"text_cfg": {k: v for k, v in tokenizer.items() if v}})
         self.head_session, self.bank, self.bank_scale = None, None, 0.0
         if "head" in spec:
