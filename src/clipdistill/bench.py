@@ -102,6 +102,10 @@ def write_plots(cfg: RunConfig, results: dict[str, dict]) -> list[str]:
     stds = [results[n]["zeroshot_top1"]["std"] for n in names]
     colors = ["tab:gray" if n == "teacher" else "tab:blue" for n in names]
     ax.bar(names, means, yerr=stds, capsize=3, color=colors)
+    low = min(m - s for m, s in zip(means, stds, strict=True))
+    ax.set_ylim(
+        max(0.0, low - 2), max(m + s for m, s in zip(means, stds, strict=True)) + 1
+    )  # the differences
     ax.set_ylabel("zero-shot top-1 (%)")
     ax.set_title("Zero-shot accuracy per method (mean ± std over seeds)")
     ax.tick_params(axis="x", rotation=60)
