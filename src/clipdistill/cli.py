@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -61,6 +62,15 @@ def _run_stage(stage: str, cfg: RunConfig, only: str | None = None) -> dict:
     raise AssertionError(stage)
 
 
+def _os_error_hint(e: OSError) -> str:
+    kept = "files already finished and the last checkpoint are kept"
+    if e.errno == errno.ENOSPC:
+        return f"free disk space or point --run_dir at another disk; {kept}"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"make the output folder writable or point --run_dir elsewhere; {kept}"
+    return "check the output folder and the disk"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("predict", "embed-images"):  # positional paths: their own parser
@@ -105,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"clipdistill {args.stage}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, read-only or unwritable output folder: one line, not a traceback
+        print(f"clipdistill {args.stage}: {e}; {_os_error_hint(e)}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2, default=str))
     return 0

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from clipdistill.cache import TeacherCache
+from clipdistill.cache import CacheMismatchError, TeacherCache
 from clipdistill.checkpoint import (
     atomic_write,
     read_json,
@@ -170,6 +170,17 @@ def training_pool(cfg: RunConfig, size: int, cache: TeacherCache | None) -> np.n
     return pool
 
 
+def _cache_if_built(cfg: RunConfig) -> TeacherCache | None:
+    """The run's finished teacher cache of this data, if any: its validity keeps the bad samples `embed`
+    found out of the pool of methods that do not read the cache (so batches stay full)."""
+    try:
+        cache = TeacherCache(cache_dir(cfg))
+        cache.check(data_id(cfg))
+    except (FileNotFoundError, CacheMismatchError):
+        return None
+    return cache
+
+
 def train(cfg: RunConfig) -> dict:
     """Train `cfg.train.role` with `cfg.train.method`; resumes from `checkpoint.pt` when present."""
     tc = cfg.train
@@ -222,7 +233,7 @@ def train(cfg: RunConfig) -> dict:
         cache.check(data_id(cfg))
     task = build_task(cfg, loaded.model, cache).to(device)
     source = make_pair_source(cfg.data, loaded.tokenizer, loaded.preprocess)
-    pool = training_pool(cfg, len(source), cache)
+    pool = training_pool(cfg, len(source), cache or _cache_if_built(cfg))
     micro_batch = tc.batch_size // tc.accum_steps
     sampler = StepSampler(pool, micro_batch, tc.seed, dist_info.rank, dist_info.world_size)
 
@@ -237,6 +248,8 @@ def train(cfg: RunConfig) -> dict:
         start_step, elapsed = state["step"], state["elapsed"]
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):  # half-written files of a killed run (see atomic_path)
+            stale.unlink()
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         _trim_metrics(out / "metrics.jsonl", start_step)
 

@@ -56,6 +56,12 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, write)
 
 
+def _clear_stale_tmp(folder: Path) -> None:
+    """Half-written files of a killed run (see `atomic_path`): they are never read, but are garbage."""
+    for stale in folder.glob(".*.tmp"):
+        stale.unlink()
+
+
 def _reusable(folder: Path, key: str) -> dict | None:
     """The stored report when the stage already ran with these settings."""
     report = folder / "report.json"
@@ -69,6 +75,7 @@ def run_balance(cfg: RunConfig) -> dict:
     bc = cfg.balance
     cache = _cache(cfg)
     folder = Path(cfg.run_dir) / "balance"
+    _clear_stale_tmp(folder)
     key = fingerprint({"balance": to_dict(bc), "cache": cache.meta.fingerprint})
     if (done := _reusable(folder, key)) is not None:
         return done
@@ -125,6 +132,7 @@ def run_cluster(cfg: RunConfig) -> dict:
     cc = cfg.cluster
     cache = _cache(cfg)
     folder = Path(cfg.run_dir) / "cluster"
+    _clear_stale_tmp(folder)
     mask, subset_hash = _subset_mask(cfg, cache)
     key = fingerprint({"cluster": to_dict(cc), "cache": cache.meta.fingerprint, "subset": subset_hash})
     if (done := _reusable(folder, key)) is not None:

@@ -71,6 +71,13 @@ class PairsDataset(Dataset):
         self.images = table.column(image_key).combine_chunks()
         self.captions = table.column(caption_key).combine_chunks()
         self.ids = table.column(id_key).combine_chunks() if id_key is not None else None
+        checked = ((self.images, image_key, "--data.image_key"), (self.ids, id_key, "--data.id_key"))
+        for column, key, option in checked:
+            if column is not None and not pa.types.is_string(column.type):
+                raise ValueError(
+                    f"{self.path}: column {key!r} is not valid UTF-8; re-encode the table as UTF-8 "
+                    f"(or check {option})"
+                )
         if self.ids is not None:
             _check_unique(self.ids, self.path, id_key)
 
@@ -101,8 +108,18 @@ def _read_table(path: Path, options: dict[str, str], sep: str | None) -> pa.Tabl
     with pacsv.open_csv(path, parse_options=parse) as reader:
         present = reader.schema.names
     _check_columns(path, present, options)
-    convert = pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.string() for c in columns})
-    return pacsv.read_csv(path, parse_options=parse, convert_options=convert)
+    # read as bytes: one caption that is not UTF-8 is then a counted skip (check_caption), not a failed table
+    convert = pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.binary() for c in columns})
+    table = pacsv.read_csv(path, parse_options=parse, convert_options=convert)
+    return pa.table({c: _utf8_or_bytes(table.column(c)) for c in columns})
+
+
+def _utf8_or_bytes(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """The column as strings when all of it is valid UTF-8, else left as bytes."""
+    try:
+        return column.cast(pa.string())
+    except pa.ArrowInvalid:
+        return column
 
 
 def _check_columns(path: Path, present: list[str], options: dict[str, str]) -> None:
