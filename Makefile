@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: deps demo test lint bench clean-demo
+.PHONY: deps demo test lint bench bench-perf clean-demo
 
 $(STAMP): requirements.txt pyproject.toml
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: deps
 
 bench: deps
 	$(BIN)/clipdistill bench --config configs/lab.yaml
+
+# The performance ratios of issue #7 (benchmarks/README.md); PERF_ARGS=--quick for a smoke run.
+bench-perf: deps
+	$(BIN)/python -m benchmarks.perf $(PERF_ARGS)
 
 test: deps
 	$(BIN)/ruff check src tests

@@ -75,3 +75,17 @@ def test_bench_defaults_to_its_own_run_dir():
     args = bench.bench_overrides(["--train.steps", "2"])
     assert args[args.index("--run_dir") + 1] == "runs/bench" and args[-2:] == ["--train.steps", "2"]
     assert "runs/bench" not in bench.bench_overrides(["--run_dir", "elsewhere"])
+
+
+def test_every_group_row_is_registered_and_chained_rows_follow_their_start():
+    from clipdistill.demo import ROWS
+
+    for group, rows in bench.GROUPS.items():
+        assert all(row in ROWS or row in bench.ALIASES or row == "teacher_zeroshot" for row in rows), group
+        trained = [row for row in rows if row in ROWS]
+        for i, row in enumerate(trained):
+            start = ROWS[row].get("comkd.student_init")
+            if start:  # stage 2 starts from that student: it must be trained earlier in the group
+                assert start in trained[:i], (group, row)
+            if ROWS[row].get("train.method") in ("comkd", "promptkd"):
+                assert "prompt_teacher" in trained[:i], (group, row)

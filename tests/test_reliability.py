@@ -1,8 +1,10 @@
-"""Reliability through the CLI: a corpus of broken samples, bad configs, a full or read-only disk,
-and SIGKILL at random points of the curation stages."""
+"""Reliability through the CLI: a corpus of broken samples (as a table and as WebDataset shards, one
+cut short), bad configs and widths, malicious checkpoints, a full or read-only disk, and SIGKILL at
+random points of balance, cluster, eval and export (embed and train: test_cache.py, test_train.py)."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import random
@@ -11,12 +13,14 @@ import signal
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cid_fixtures import STAGE_ARGS, build_tiny_cache
@@ -140,11 +144,93 @@ def test_bad_input_corpus_embed_then_train(tmp_path, capsys):
         assert not {key for key, _ in record["skipped"]} & set(record["ids"])
     assert skipped == expected  # every bad row, with its reason; CMYK and 16-bit images are kept
 
-    train = run_cli(["train", *_csv_args(run_dir, csv, "--train.method", "clip")], timeout=120)
+    train = run_cli(["train", *_csv_args(run_dir, csv, "--train.method", "clip")], timeout=600)
     assert train.returncode == 0, train.stderr
     result = json.loads(train.stdout)
     assert result["train_samples"] == NUM_ROWS - len(expected)
     assert result["skipped_samples"] == 0  # the cache's bad rows never reach a batch
+    assert (run_dir / "clip" / "model.safetensors").is_file()
+
+
+def _write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> list[int]:
+    """A WebDataset shard (members key.ext); returns each sample's end offset in the file."""
+    ends = []
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            ends.append(tar.offset)
+    return ends
+
+
+def _shard_corpus(folder: Path) -> tuple[str, dict[str, str], set[str], set[str]]:
+    """The corpus as 3 shards of 16 samples, the middle one cut short inside its 9th sample.
+
+    Returns the shard pattern, {key or shard: skip reason}, the keys a reader gets whole, and the keys
+    the cut loses (the 9th on)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    samples, reasons = [], {}
+    for i, (name, (data, caption, reason)) in enumerate(BAD_ROWS.items()):
+        ext = name.rsplit(".", 1)[1]
+        samples.append((f"bad{i}", ({ext: data} if data is not None else {}) | {"txt": caption}))
+        reasons[f"bad{i}"] = reason if data is not None else "missing_image"
+    for i, data in enumerate(ODD_BUT_GOOD.values()):
+        samples.append((f"odd{i}", {"png": data, "txt": b"an odd but usable image"}))
+    while len(samples) < 48:
+        i = len(samples)
+        samples.append((f"good{i}", {"png": _image_bytes("PNG", seed=100 + i), "txt": f"thing {i}".encode()}))
+    random.Random(1).shuffle(samples)
+    shards = [samples[:16], samples[16:32], samples[32:]]
+    ends = [_write_tar(folder / f"{n:03d}.tar", shard) for n, shard in enumerate(shards)]
+    cut = (ends[1][7] + ends[1][8]) // 2  # inside the 9th sample of the middle shard
+    (folder / "001.tar").write_bytes((folder / "001.tar").read_bytes()[:cut])
+    lost = {key for key, _ in shards[1][8:]}
+    expected = {k: r for k, r in reasons.items() if k not in lost} | {
+        str(folder / "001.tar"): "truncated_shard"
+    }
+    good = {key for key, _ in samples} - lost - set(expected)
+    return str(folder / "{000..002}.tar"), expected, good, lost
+
+
+def test_cut_shard_in_the_corpus_embed_then_train(tmp_path, capsys):
+    pattern, expected, good, lost = _shard_corpus(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(
+        run_dir,
+        "--teacher.pretrained", "",
+        "--data.kind", "webdataset",
+        "--data.path", pattern,
+        "--embed.shard_size", "16",
+        "--embed.batch_size", "8",
+        "--train.batch_size", "8",
+        "--train.steps", "6",
+        "--train.ckpt_every", "3",
+        "--train.method", "clip",
+    )  # fmt: skip
+    code, err = _main(["embed", *args], capsys)
+    assert code == 0, err
+    report = json.loads((run_dir / "cache" / "report.json").read_text())
+    num_records = 48 - len(lost) + 1  # the cut sample's place holds the shard's truncated_shard record
+    assert report["num_samples"] == num_records
+    assert report["skipped_total"] == len(expected)
+    assert report["valid_samples"] == num_records - len(expected)
+
+    ids, skipped = [], {}
+    for shard in sorted((run_dir / "cache").glob("shard_*.json")):
+        record = json.loads(shard.read_text())
+        ids += [key for key in record["ids"] if key]  # "" on a skipped sample's row
+        skipped |= {key: reason for reason, key in record["skipped"]}
+    assert skipped == expected  # every bad sample with its reason, and the cut shard named
+    assert sorted(ids) == sorted(good)  # the shard after the cut read whole: no sample pushed out
+
+    train = run_cli(["train", *args], timeout=600)  # 6 steps of 8: past the end of the first epoch
+    assert train.returncode == 0, train.stderr
+    result = json.loads(train.stdout)
+    # the samples embed found bad are left out of the stream before decoding: full batches, no skips
+    assert result["steps"] == 6 and result["skipped_samples"] == 0
+    assert result["train_samples"] == len(good)
     assert (run_dir / "clip" / "model.safetensors").is_file()
 
 
@@ -179,7 +265,7 @@ def test_duplicate_ids_are_one_clear_line(tmp_path, capsys):
     ("override", "key"),
     [(("--train.bogus_key", "1"), "bogus_key"), (("--train.steps", "many"), "train.steps")],
 )
-@pytest.mark.parametrize("stage", ["embed", "train", "balance", "cluster"])
+@pytest.mark.parametrize("stage", ["embed", "train", "balance", "cluster", "eval", "export"])
 def test_bad_config_fails_before_any_output(tmp_path, capsys, stage, override, key):
     run_dir = tmp_path / "run"
     code, err = _main([stage, *tiny_overrides(run_dir, *override)], capsys)
@@ -187,6 +273,74 @@ def test_bad_config_fails_before_any_output(tmp_path, capsys, stage, override, k
     line = _one_error_line(err)
     assert "config error" in line and key in line
     assert not run_dir.exists()
+
+
+def _distill_run(tmp_path: Path, cache: Path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(cache, run_dir / "cache")
+    return run_dir
+
+
+@needs_lab
+def test_text_bank_of_another_width_is_refused_before_any_output(tmp_path, tiny_cache, capsys):
+    """ComKD compares the cached teacher features with the text bank directly: widths must match."""
+    run_dir = _distill_run(tmp_path, tiny_cache)  # a 32-wide teacher cache
+    (run_dir / "prompt_teacher").mkdir()
+    np.save(run_dir / "prompt_teacher" / "text_bank.npy", np.ones((10, 48), np.float32))
+    code, err = _main(["train", *tiny_overrides(run_dir, *STAGE_ARGS, "--train.method", "comkd")], capsys)
+    assert code == 2, err
+    line = _one_error_line(err)
+    assert "width 32" in line and "48" in line and "must use the same teacher" in line
+    assert not (run_dir / "comkd").exists()
+
+
+@needs_lab
+@pytest.mark.parametrize("method", ["fd", "icl"])
+def test_towers_of_two_widths_are_refused_before_any_output(tmp_path, tiny_cache, capsys, method):
+    """fd and icl learn one projection into the teacher's space: a cache with image and text of two
+    widths (a teacher without a shared embedding) has no such space."""
+    run_dir = _distill_run(tmp_path, tiny_cache)
+    meta = json.loads((run_dir / "cache" / "meta.json").read_text())
+    assert meta["image_dim"] == meta["text_dim"] == 32
+    meta |= {"image_dim": 40, "text_dim": 24}  # the same 64 columns, split otherwise
+    (run_dir / "cache" / "meta.json").write_text(json.dumps(meta))
+    code, err = _main(["train", *tiny_overrides(run_dir, *STAGE_ARGS, "--train.method", method)], capsys)
+    assert code == 2, err
+    line = _one_error_line(err)
+    assert f"train.method {method}" in line and "image 40 and text 24" in line
+    assert not (run_dir / method).exists()
+
+
+# ---------------------------------------------------------------- malicious checkpoints
+
+
+class _Payload:
+    """Unpickling this creates a marker file: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@needs_lab
+@pytest.mark.parametrize("where", ["teacher", "resume"])
+def test_malicious_checkpoint_is_refused_through_the_cli(tmp_path, capsys, where):
+    """A pickle that runs code, as the teacher's weights or as the checkpoint a run resumes from."""
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(2), "payload": _Payload(marker)}, evil)
+    run_dir = tmp_path / "run"
+    if where == "teacher":
+        args = ["embed", *tiny_overrides(run_dir, "--teacher.pretrained", str(evil))]
+    else:
+        (run_dir / "clip").mkdir(parents=True)
+        shutil.copy(evil, run_dir / "clip" / "checkpoint.pt")
+        args = ["train", *tiny_overrides(run_dir, "--train.method", "clip")]
+    code, err = _main(args, capsys)
+    assert code == 1, err
+    assert "refused (weights_only=True)" in _one_error_line(err)
+    assert not marker.exists()
 
 
 # ---------------------------------------------------------------- disk full, read-only folder
@@ -239,7 +393,7 @@ def test_checkpoint_write_failure_keeps_previous(tmp_path, mode, message, hint):
             [sys.executable, "-c", FAILING_CHECKPOINT, mode, str(backup), "train", *args],
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=600,
         )
     finally:
         if (run_dir / "clip").exists():
@@ -252,6 +406,40 @@ def test_checkpoint_write_failure_keeps_previous(tmp_path, mode, message, hint):
     assert safe_torch_load(out / "checkpoint.pt")["step"] == 2
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
     assert not (out / "done.json").exists() and not (out / "model.safetensors").exists()
+
+
+@needs_lab
+def test_stage1_stopped_before_its_text_bank_is_not_taken_for_finished(
+    tmp_path, tiny_cache, capsys, monkeypatch
+):
+    """prompt_teacher writes the text bank (what ComKD stage 2 looks for) last: a disk that fills up
+    before it leaves stage 2 refusing to start, and a rerun finishes stage 1."""
+    from clipdistill.methods import prompt_teacher
+
+    real = prompt_teacher._save_npy
+
+    def no_space_for_the_bank(path, array):
+        if path.name == prompt_teacher.TEXT_BANK:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, array)
+
+    run_dir = _distill_run(tmp_path, tiny_cache)
+    stage1 = ["train", *tiny_overrides(run_dir, *STAGE_ARGS, "--train.role", "teacher")]
+    stage1 += ["--train.method", "prompt_teacher", "--train.steps", "2"]
+    stage2 = ["train", *tiny_overrides(run_dir, *STAGE_ARGS, "--train.method", "comkd", "--train.steps", "2")]
+    monkeypatch.setattr(prompt_teacher, "_save_npy", no_space_for_the_bank)
+    code, err = _main(stage1, capsys)
+    assert code == 1 and "No space left on device" in _one_error_line(err)
+    folder = run_dir / "prompt_teacher"
+    assert (folder / "split.json").is_file() and (folder / "model.safetensors").is_file()
+    assert not (folder / "text_bank.npy").exists() and not (folder / "done.json").exists()
+    code, err = _main(stage2, capsys)
+    assert code == 2 and "needs the prompt-tuned teacher's text bank" in err and "Traceback" not in err
+
+    monkeypatch.undo()
+    assert _main(stage1, capsys)[0] == 0  # resumes at its last checkpoint and writes the rest
+    assert (folder / "text_bank.npy").is_file() and (folder / "done.json").is_file()
+    assert _main(stage2, capsys)[0] == 0
 
 
 # ---------------------------------------------------------------- kill -9 of balance and cluster
@@ -297,7 +485,7 @@ def test_kill_9_then_rerun_is_byte_identical(tmp_path, tiny_cache, stage):
             stderr=subprocess.DEVNULL,
         )
         try:
-            deadline = time.time() + 90
+            deadline = time.time() + 300
             while not folder.is_dir() and proc.poll() is None and time.time() < deadline:
                 time.sleep(0.02)
             time.sleep(rng.uniform(0.0, 0.55))  # outputs are written ~0.3 s apart from here
@@ -313,6 +501,111 @@ def test_kill_9_then_rerun_is_byte_identical(tmp_path, tiny_cache, stage):
 
         (folder / ".report.json.killed.tmp").write_text('{"half": ')  # as a kill mid-write leaves one
 
-        rerun = run_cli([stage, *args], timeout=120)
+        rerun = run_cli([stage, *args], timeout=600)
         assert rerun.returncode == 0, rerun.stderr
         assert _outputs(folder) == expected  # the same bytes, and no temporary file left
+
+
+# ---------------------------------------------------------------- kill -9 of eval and export
+
+# `clipdistill <stage>` holding every written temporary file 0.3 s before its rename, so that kills land
+# between writes and before renames
+SLOW_WRITES = """
+import contextlib, sys, time
+import clipdistill.checkpoint as c
+real = c.atomic_path
+
+@contextlib.contextmanager
+def slow(path):
+    with real(path) as tmp:
+        yield tmp
+        time.sleep(0.3)
+
+c.atomic_path = slow
+from clipdistill.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+# stage -> (what appears when its writes begin (a glob in the train folder), kill window in seconds after
+# that, {done mark: the outputs it vouches for}); export writes 13 files, eval 2
+KILL_WINDOWS = {
+    "eval": (".eval.csv.*.tmp", 0.5, {"eval.json": ""}),
+    "export": (
+        "export",
+        3.5,
+        {"open_clip/open_clip_config.json": "open_clip/", "onnx/preprocess.json": "onnx/"},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_trained(tmp_path_factory):
+    """A run folder with a tiny `clip` student trained in this process (4 steps)."""
+    if not HAVE_LAB:
+        pytest.skip("Fashion-MNIST is not installed")
+    run_dir = tmp_path_factory.mktemp("trained")
+    assert main(["train", *tiny_overrides(run_dir)]) == 0
+    return run_dir
+
+
+def _stage_outputs(folder: Path, stage: str) -> dict[str, bytes]:
+    """Files under their final names; eval's without its timing (the last value), which varies."""
+    if stage == "export":
+        files = sorted(p for p in (folder / "export").rglob("*") if p.is_file() and p.suffix != ".tmp")
+        return {str(p.relative_to(folder / "export")): p.read_bytes() for p in files}
+    out = {}
+    if (folder / "eval.json").is_file():
+        metrics = json.loads((folder / "eval.json").read_text())
+        del metrics["eval_seconds"]
+        out["eval.json"] = json.dumps(metrics).encode()
+    if (folder / "eval.csv").is_file():
+        lines = (folder / "eval.csv").read_bytes().splitlines()
+        out["eval.csv"] = b"\n".join(line.rsplit(b",", 1)[0] for line in lines)
+    return out
+
+
+def _leftover_tmp(folder: Path, stage: str) -> list[Path]:
+    return list(folder.glob(".eval.*.tmp") if stage == "eval" else (folder / "export").rglob("*.tmp"))
+
+
+@needs_lab
+@pytest.mark.parametrize("stage", ["eval", "export"])
+def test_kill_9_of_eval_or_export_then_rerun_matches(tmp_path, tiny_trained, stage):
+    """Killed mid-way, a rerun gives the uninterrupted outputs (eval the same metrics, export the same
+    bytes, ONNX included); what a kill leaves is whole, and complete wherever its done mark is."""
+
+    def fresh(name: str) -> list[str]:
+        shutil.copytree(tiny_trained, tmp_path / name)
+        return [stage, *tiny_overrides(tmp_path / name), f"--{stage}.model", "clip"]
+
+    assert main(fresh("uninterrupted")) == 0  # in this process: no interpreter start-up
+    expected = _stage_outputs(tmp_path / "uninterrupted" / "clip", stage)
+    trigger, window, marks = KILL_WINDOWS[stage]
+    assert set(marks) <= set(expected)
+
+    rng = random.Random(stage)
+    for attempt in range(2):
+        args = fresh(f"killed{attempt}")
+        folder = tmp_path / f"killed{attempt}" / "clip"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SLOW_WRITES, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            deadline = time.time() + 300
+            while not list(folder.glob(trigger)) and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, window))
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"{stage} finished before it could be killed"
+        partial = _stage_outputs(folder, stage)
+        for name, data in partial.items():  # what is there under a final name is whole
+            assert data == expected[name], name
+        for mark, prefix in marks.items():  # a done mark: then everything it vouches for is there
+            if mark in partial:
+                assert {k for k in expected if k.startswith(prefix)} <= set(partial), mark
+
+        rerun = run_cli(args, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr
+        assert _stage_outputs(folder, stage) == expected
+        assert not _leftover_tmp(folder, stage)

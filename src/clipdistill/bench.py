@@ -29,8 +29,13 @@ GROUPS = {
     ],
     "baselines": ["no_kd", "fd", "crd", "icl", "tinyclip_affinity", "openclip_distill", "cid"],
     "comkd": [
-        "no_kd", "teacher_zeroshot", "prompt_teacher", "student_zeroshot", "promptkd", "comkd",
+        "no_kd", "cid", "teacher_zeroshot", "prompt_teacher", "student_zeroshot", "promptkd", "comkd",
         "comkd_no_ifalign", "comkd_no_eduattention",
+    ],
+    # ComKD's other protocols (not in the grid's 60 minutes): inductive stage 2, cross-dataset.
+    "comkd_protocols": [
+        "no_kd", "cid", "prompt_teacher", "student_zeroshot", "promptkd", "comkd", "promptkd_inductive",
+        "comkd_inductive", "promptkd_cross", "comkd_cross",
     ],
 }  # fmt: skip
 # What `bench` changes in the config it is given, before the user's own overrides.

@@ -21,7 +21,8 @@ STAGES = {
     "balance": "image semantic balance of the cache: kept ids (perceptual + semantic dedup)",
     "cluster": "k-means on the cached teacher embeddings: centroids and labels for cid",
     "train": "train a model with a method (clip, and the distillation recipes)",
-    "eval": "zero-shot, linear probe and retrieval of a trained model (--protocol: base/novel, domain)",
+    "eval": "zero-shot, linear probe and retrieval of a trained model (--protocol: base/novel, domain; "
+    "--suite: a paper suite's datasets)",
     "demo": "the whole lab end to end: teacher, cache, students, evaluation, results table",
     "bench": "the full lab grid over 3 seeds in runs/bench: results.json, results.md, plots",
     "export": "a trained model as an open_clip folder and ONNX encoders (--format open_clip|onnx|all)",
@@ -43,6 +44,10 @@ def _run_stage(stage: str, cfg: RunConfig, only: str | None = None) -> dict:
         from clipdistill.train import train
 
         return train(cfg)
+    if stage == "eval" and cfg.eval.suite:
+        from clipdistill.evaluate.suite import run_suite
+
+        return run_suite(cfg)
     if stage == "eval":
         from clipdistill.evaluate.run import run_eval
 
@@ -87,18 +92,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=sorted(set(STAGES) - {"predict", "embed-images"}))
     parser.add_argument("--config", help="YAML run config (defaults: the Fashion-MNIST lab)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--only", choices=("cid", "comkd", "baselines"), help="bench: one group of rows")
+    groups = ("cid", "comkd", "baselines", "comkd_protocols")
+    parser.add_argument("--only", choices=groups, help="bench: one group of rows")
     parser.add_argument(
         "--protocol",
         choices=("standard", "base_to_novel", "domain", "all"),
         help="eval: short for --eval.protocol (base_to_novel: base/novel/HM; domain: shifted test sets)",
     )
     parser.add_argument("--format", choices=("open_clip", "onnx", "all"), help="export: --export.format")
+    parser.add_argument(
+        "--suite",
+        help="eval: short for --eval.suite: every dataset of a paper suite (base_to_novel, cross_dataset, "
+        "domain_generalization, linear_probe) under --eval.suite_root, one table with the average",
+    )
     args, overrides = parser.parse_known_args(argv)
     if args.protocol:
         overrides = [*overrides, "--eval.protocol", args.protocol]
     if args.format:
         overrides = [*overrides, "--export.format", args.format]
+    if args.suite:
+        overrides = [*overrides, "--eval.suite", args.suite]
     try:
         if args.stage == "bench":  # its own run dir, seeds and rows unless given on the command line
             from clipdistill.bench import bench_overrides

@@ -24,8 +24,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    kind: str = "lab"  # lab | csv (csv, tsv, parquet) | webdataset
-    path: str = ""  # lab: folder of the Fashion-MNIST idx files ("" = Debian's); else table file or shards
+    kind: str = "lab"  # lab | csv (csv, tsv, parquet) | webdataset | paper (a dataset of the papers' suites)
+    path: str = ""  # lab: folder of the Fashion-MNIST idx files ("" = Debian's); paper: the suites' root;
+    # else table file or shards
     image_key: str = "filepath"
     caption_key: str = "title"
     id_key: str = ""
@@ -34,6 +35,9 @@ class DataConfig:
     val_size: int = 5000  # lab: images held out of the train split for model selection
     train_size: int = 0  # lab: 0 = every remaining train image
     classnames: str = ""  # JSON file of class names + templates for zero-shot eval ("" = lab's)
+    domain: str = ""  # lab: a target domain, every image shifted (inverted, rotated, blurred, ...)
+    dataset: str = ""  # paper: the dataset's name (clipdistill.data.paper.DATASETS), its train split is read
+    shots: int = 16  # paper: labelled images per base class for ComKD stage 1 (CoOp's draw; 0 = all)
 
 
 @dataclass
@@ -52,6 +56,7 @@ class TrainConfig:
     steps: int = 800
     batch_size: int = 128
     lr: float = 2e-3
+    optimizer: str = "adamw"  # adamw (betas 0.9, 0.98) | sgd (momentum 0.9, as CoOp and PromptKD)
     weight_decay: float = 0.1
     warmup_steps: int = 50
     accum_steps: int = 1
@@ -82,6 +87,8 @@ class EvalConfig:
     retrieval_size: int = 1000  # test images (and their captions) in the retrieval gallery
     protocol: str = "standard"  # standard | base_to_novel | domain | all
     device: str = "auto"
+    suite: str = ""  # a paper suite (base_to_novel, cross_dataset, ...): one table over its datasets
+    suite_root: str = ""  # the folder holding the suite's dataset folders (CoOp's DATASET.ROOT)
 
 
 @dataclass
@@ -116,6 +123,9 @@ class ComkdConfig:
     use_ifalign: bool = True
     use_eduattention: bool = True
     prompt_teacher: str = "prompt_teacher"  # stage-1 folder under the run dir (prompts + text bank)
+    # a trained student folder (e.g. cid) that stage 2 starts from, its image projection as P's skip
+    student_init: str = ""
+    inductive: bool = False  # stage 2 on base-class images only (default: transductive, all images)
 
 
 @dataclass

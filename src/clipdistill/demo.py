@@ -18,6 +18,9 @@ from clipdistill.embed import run_embed
 from clipdistill.evaluate.run import run_eval
 from clipdistill.train import train
 
+# ComKD stage 2 (DESIGN 4) starts from the CID student of the same seed: the two methods chain.
+STAGE2 = {"comkd.student_init": "cid", "eval.protocol": "all"}
+CROSS = {"data.domain": "low_contrast", "eval.protocol": "base_to_novel"}
 # Row name -> config overrides as dotted `section.key` (method and, for ablations, its settings).
 ROWS: dict[str, dict] = {
     "no_kd": {"train.method": "clip"},
@@ -39,14 +42,17 @@ ROWS: dict[str, dict] = {
         "train.weight_decay": 0.0,
         "eval.protocol": "all",
     },
-    "promptkd": {"train.method": "promptkd", "eval.protocol": "all"},
-    "comkd": {"train.method": "comkd", "eval.protocol": "all"},
-    "comkd_no_ifalign": {"train.method": "comkd", "comkd.use_ifalign": False, "eval.protocol": "all"},
-    "comkd_no_eduattention": {
-        "train.method": "comkd",
-        "comkd.use_eduattention": False,
-        "eval.protocol": "all",
-    },
+    "student_zeroshot": {"train.method": "comkd", "train.steps": 0, **STAGE2},  # before stage 2
+    "promptkd": {"train.method": "promptkd", **STAGE2},
+    "comkd": {"train.method": "comkd", **STAGE2},
+    "comkd_no_ifalign": {"train.method": "comkd", "comkd.use_ifalign": False, **STAGE2},
+    "comkd_no_eduattention": {"train.method": "comkd", "comkd.use_eduattention": False, **STAGE2},
+    "comkd_inductive": {"train.method": "comkd", "comkd.inductive": True, **STAGE2},
+    "promptkd_inductive": {"train.method": "promptkd", "comkd.inductive": True, **STAGE2},
+    # Cross-dataset: distil on a target set's unlabeled images (the low-contrast lab, its own cache),
+    # evaluate on its test split.
+    "promptkd_cross": {"train.method": "promptkd", **STAGE2, **CROSS},
+    "comkd_cross": {"train.method": "comkd", **STAGE2, **CROSS},
 }
 METRICS = (
     "params",
@@ -133,6 +139,8 @@ def run_rows(cfg: RunConfig) -> dict[str, dict]:
         for seed in cfg.lab.seeds:
             name = row if len(cfg.lab.seeds) == 1 else f"{row}_seed{seed}"
             run_cfg = _with_overrides(_with_train(cfg, name=name, seed=seed, role="student"), ROWS[row])
+            if run_cfg.data.domain:  # a target set: the teacher's cache of its images first
+                run_embed(run_cfg)
             train(run_cfg)
             per_seed.append(_evaluated(run_cfg, name))
         results[row] = {m: summarize([float(s[m]) for s in per_seed]) for m in METRICS if m in per_seed[0]}

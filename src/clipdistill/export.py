@@ -68,17 +68,28 @@ def copy_tokenizer(loaded: LoadedModel, folder: Path) -> bool:
     tokenizer = tokenizer_spec(loaded.config)["hf_tokenizer_name"]
     for name in TOKENIZER_FILES if tokenizer else ():
         if (Path(tokenizer) / name).is_file():
-            shutil.copyfile(Path(tokenizer) / name, folder / name)
+            atomic_write(folder / name, lambda tmp, src=Path(tokenizer) / name: shutil.copyfile(src, tmp))
     return bool(tokenizer)
+
+
+def _start(folder: Path, done_mark: str) -> None:
+    """Open an export folder: its done mark (the file written last) and a killed run's leftovers go."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / done_mark).unlink(missing_ok=True)
+    for stale in folder.glob(".*.tmp"):  # half-written files of a killed run (see atomic_path)
+        stale.unlink()
 
 
 def export_open_clip(loaded: LoadedModel, folder: Path) -> Path:
     """open_clip's `local-dir:` layout; Hugging Face paths resolved and the tokenizer files copied in,
-    because open_clip reads an HF tokenizer of a local-dir model from that folder."""
-    folder.mkdir(parents=True, exist_ok=True)
+    because open_clip reads an HF tokenizer of a local-dir model from that folder. The config is written
+    last and removed first: a folder without it is an unfinished export (a killed one), never loaded."""
+    _start(folder, "open_clip_config.json")
     config = _resolve_hf_names(loaded.config)
     model_cfg = {k: v for k, v in config.items() if k != "preprocess_cfg"}
     pre = loaded.preprocess
+    copy_tokenizer(loaded, folder)
+    save_state_dict(loaded.model.state_dict(), folder / "open_clip_model.safetensors")
     write_json(
         folder / "open_clip_config.json",
         {
@@ -86,8 +97,6 @@ def export_open_clip(loaded: LoadedModel, folder: Path) -> Path:
             "preprocess_cfg": {"size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std)},
         },
     )
-    copy_tokenizer(loaded, folder)
-    save_state_dict(loaded.model.state_dict(), folder / "open_clip_model.safetensors")
     return folder
 
 
@@ -129,8 +138,9 @@ def export_image_encoder(model: nn.Module, image_size: int, path: Path, opset: i
 
 
 def export_onnx(loaded: LoadedModel, folder: Path, head: ComkdHead | None = None, opset: int = 17) -> Path:
-    """image_encoder.onnx, text_encoder.onnx, preprocess.json; head.onnx + text_bank.npy for ComKD."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """image_encoder.onnx, text_encoder.onnx, preprocess.json; head.onnx + text_bank.npy for ComKD.
+    preprocess.json is written last and removed first: without it the folder is an unfinished export."""
+    _start(folder, "preprocess.json")
     model = loaded.model.cpu().eval()
     size = loaded.preprocess.image_size
     export_image_encoder(model, size, folder / "image_encoder.onnx", opset)

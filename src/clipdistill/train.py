@@ -32,14 +32,17 @@ from clipdistill.checkpoint import (
     save_training_state,
     write_json,
 )
-from clipdistill.config import ConfigError, RunConfig, fingerprint, to_dict
+from clipdistill.config import ConfigError, RunConfig, TrainConfig, fingerprint, to_dict
 from clipdistill.data.sources import ShardPairs, StepSampler, make_pair_source
 from clipdistill.distributed import DistInfo, all_reduce_mean, init_distributed
-from clipdistill.methods import build_task, method_sections, needs_teacher_cache
+from clipdistill.methods import build_task, method_sections, needs_teacher_cache, reads_teacher_cache
+from clipdistill.methods.comkd import COMKD_METHODS, inductive_pool
+from clipdistill.methods.labelled import labelled_pool
 from clipdistill.models.factory import create_student, create_teacher
 
 # Settings that may change between a run and its resume without changing the result.
 RESUME_FREE_KEYS = ("log_every", "ckpt_every", "resume", "tensorboard", "device")
+PAPER_DATA_KEYS = ("dataset", "shots")
 
 
 class TrainingDiverged(RuntimeError):
@@ -61,12 +64,15 @@ def output_dir(cfg: RunConfig) -> Path:
 
 
 def cache_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.run_dir) / "cache"
+    """The run's teacher cache; a lab target domain (cross-dataset distillation) has its own."""
+    return Path(cfg.run_dir) / (f"cache_{cfg.data.domain}" if cfg.data.domain else "cache")
 
 
 def data_id(cfg: RunConfig) -> str:
     """Identity of the training samples: what the teacher cache is keyed on."""
     d = cfg.data
+    if d.kind == "paper":  # the dataset's whole train split: stage 1's few-shot images are rows of it
+        return f"paper:{d.dataset}:{d.path}"
     return f"{d.kind}:{d.path or 'default'}:val{d.val_size}:train{d.train_size}"
 
 
@@ -79,6 +85,19 @@ def param_groups(task: nn.Module, weight_decay: float) -> list[dict]:
         exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
         (no_decay if exclude else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def make_optimizer(task: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (open_clip's betas) or SGD with momentum 0.9 (CoOp's and PromptKD's prompt-tuning recipe)."""
+    groups = param_groups(task, tc.weight_decay)
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.98), eps=1e-6)
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=tc.lr, momentum=0.9)
+    raise ConfigError(f"train.optimizer must be one of {OPTIMIZERS}, not {tc.optimizer!r}")
 
 
 def cosine_with_warmup(warmup: int, total: int):
@@ -104,6 +123,11 @@ def _fingerprinted(values: dict) -> dict:
     values = copy.deepcopy({key: values[key] for key in sections if key in values})
     for key in RESUME_FREE_KEYS:
         values["train"].pop(key, None)
+    if values["train"].get("optimizer") == "adamw":  # the default that predates the key: old runs still match
+        values["train"].pop("optimizer")
+    if values["data"]["kind"] != "paper":  # keys only paper data reads, newer than the others' runs
+        for key in PAPER_DATA_KEYS:
+            values["data"].pop(key, None)
     return values
 
 
@@ -167,6 +191,10 @@ def training_pool(cfg: RunConfig, size: int, cache: TeacherCache | None) -> np.n
             raise ConfigError(f"train.subset {path} does not exist (run `clipdistill balance` first)")
         keep = np.load(path, allow_pickle=False)
         pool = np.intersect1d(pool, keep)
+    if cfg.train.method in COMKD_METHODS and cfg.comkd.inductive:
+        pool = inductive_pool(cfg, pool)
+    if cfg.train.method == "prompt_teacher":
+        pool = labelled_pool(cfg, pool)
     return pool
 
 
@@ -206,6 +234,8 @@ def train(cfg: RunConfig) -> dict:
         )
     if tc.resume not in ("auto", "never"):
         raise ConfigError(f"train.resume must be auto or never, not {tc.resume!r}")
+    if tc.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer must be one of {OPTIMIZERS}, not {tc.optimizer!r}")
     ckpt_path = out / "checkpoint.pt"
     run_fp = training_fingerprint(cfg)
     state = None
@@ -231,13 +261,15 @@ def train(cfg: RunConfig) -> dict:
     if needs_teacher_cache(tc.method):
         cache = TeacherCache(cache_dir(cfg))
         cache.check(data_id(cfg))
+    elif reads_teacher_cache(tc.method):
+        cache = _cache_if_built(cfg)
     task = build_task(cfg, loaded.model, cache).to(device)
     source = make_pair_source(cfg.data, loaded.tokenizer, loaded.preprocess)
     pool = training_pool(cfg, len(source), cache or _cache_if_built(cfg))
     micro_batch = tc.batch_size // tc.accum_steps
     sampler = StepSampler(pool, micro_batch, tc.seed, dist_info.rank, dist_info.world_size)
 
-    optimizer = torch.optim.AdamW(param_groups(task, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = make_optimizer(task, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(tc.warmup_steps, tc.steps))
     start_step, elapsed = 0, 0.0
     if state is not None:
@@ -259,7 +291,7 @@ def train(cfg: RunConfig) -> dict:
     first_micro = start_step * tc.accum_steps
     if isinstance(source, ShardPairs):  # streamed shards: cache rows are found by sample key
         batches = source.stream(micro_batch // dist_info.world_size, tc.seed, dist_info.rank,
-                                dist_info.world_size, first_micro)  # fmt: skip
+                                dist_info.world_size, first_micro, pool)  # fmt: skip
     else:
         batches = source.batches(sampler.schedule(first_micro, tc.steps * tc.accum_steps))
     skipped = 0

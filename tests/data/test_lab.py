@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipdistill.config import DataConfig
+from clipdistill.config import ConfigError, DataConfig
 from clipdistill.data.lab import (
     CLASSNAMES,
     DEBIAN_DIR,
@@ -14,6 +14,7 @@ from clipdistill.data.lab import (
     caption_for,
     load_lab,
     read_idx,
+    shift_domain,
     to_pixels,
 )
 from conftest import needs_lab
@@ -125,3 +126,21 @@ def test_truncated_dataset_file_in_a_folder(tmp_path):
     labels.write_bytes(gzip.compress(data[:-10]))
     with pytest.raises(LabDataError, match="truncated"):
         load_lab(DataConfig(path=str(tmp_path), val_size=10))
+
+
+def test_shifted_domain_is_a_real_transform_of_every_split(lab):
+    images = lab.test.images[:50].numpy()
+    assert np.array_equal(shift_domain(images, "inverted"), 255 - images)
+    blurred = shift_domain(images, "blurred")
+    assert blurred.dtype == np.uint8 and blurred.shape == images.shape and not np.array_equal(blurred, images)
+    with pytest.raises(ConfigError, match="data.domain must be one of"):
+        shift_domain(images, "sepia")
+
+
+def test_a_target_domain_has_its_own_cache(tmp_path):
+    from clipdistill.config import load_config
+    from clipdistill.train import cache_dir
+
+    plain = load_config(None, ["--run_dir", str(tmp_path)])
+    target = load_config(None, ["--run_dir", str(tmp_path), "--data.domain", "low_contrast"])
+    assert cache_dir(plain) == tmp_path / "cache" and cache_dir(target) == tmp_path / "cache_low_contrast"

@@ -62,3 +62,45 @@ def test_train_streams_webdataset_and_resumes_past_the_end_of_an_epoch(tmp_path,
     assert result["steps"] == 7
     assert result["skipped_samples"] >= 1  # the text file named .png, met in the first epoch
     assert (tmp_path / "run" / "clip" / "model.safetensors").is_file()
+
+
+def _trained_ids(monkeypatch, cfg) -> list[list[str]]:
+    """The sample keys of every training batch, in order."""
+    import clipdistill.train as train_module
+
+    seen, to_device = [], train_module._to_device
+    monkeypatch.setattr(train_module, "_to_device", lambda b, *a: seen.append(b["id"]) or to_device(b, *a))
+    train(cfg)
+    return seen
+
+
+def test_train_subset_over_shards_trains_on_the_subset_only(tmp_path, shards, monkeypatch):
+    run_embed(_cfg(tmp_path, shards))
+    subset = np.arange(0, 48, 3)  # 16 rows over both shards; s0_005 (the bad sample) is not among them
+    np.save(tmp_path / "run" / "kept.npy", subset)
+    subset_keys = {f"s{row // 24}_{row % 24:03d}" for row in subset}
+    steps = ("--train.steps", "6", "--train.batch_size", "4")
+    cfg = _cfg(tmp_path, shards, *steps, "--train.subset", "kept.npy")
+    batches = _trained_ids(monkeypatch, cfg)
+    assert all(len(b) == 4 for b in batches)
+    assert set(batches[0] + batches[1] + batches[2] + batches[3]) == subset_keys  # one epoch: each once
+    assert set(sum(batches, [])) == subset_keys
+    assert train(cfg)["train_samples"] == 16
+
+
+def test_a_pooled_stream_resumes_where_it_stopped(tmp_path, shards):
+    from clipdistill.data.sources import ShardPairs
+    from clipdistill.models.factory import create_student
+
+    cfg = _cfg(tmp_path, shards)
+    student = create_student(cfg.student)
+    source = ShardPairs(cfg.data, student.tokenizer, student.preprocess)
+    pool = np.arange(1, 48, 2)  # 24 odd rows
+
+    def ids(start_step, n):
+        stream = source.stream(4, seed=3, rank=0, world_size=1, start_step=start_step, pool=pool)
+        return [next(stream)["id"] for _ in range(n)]
+
+    full = ids(0, 5)
+    assert ids(2, 3) == full[2:]
+    assert {24 * int(key[1]) + int(key[3:]) for batch in full for key in batch} <= set(pool.tolist())

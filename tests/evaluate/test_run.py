@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +56,23 @@ def test_missing_model_and_other_data_are_config_errors(trained):
     trained_csv = load_config(None, ["--run_dir", trained.run_dir, "--data.kind", "csv"])
     with pytest.raises(ConfigError, match="eval runs on the lab data"):
         evaluate_model(trained_csv, "clip")
+
+
+def test_teacher_eval_features_are_computed_once_per_tower(trained, monkeypatch):
+    import clipdistill.evaluate.run as run_module
+
+    torch.manual_seed(0)  # the tiny teacher has no checkpoint: a seeded random tower
+    first = evaluate_model(trained, "teacher")
+    assert list((Path(trained.run_dir) / "eval_features").rglob("test_0_none_*.npy"))
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the teacher's image features were computed again")
+
+    monkeypatch.setattr(run_module, "image_features", no_encoding)
+    torch.manual_seed(0)
+    second = evaluate_model(trained, "teacher")
+    first.pop("eval_seconds"), second.pop("eval_seconds")
+    assert second == first
+    torch.manual_seed(1)  # another tower: its features are not the memo's
+    with pytest.raises(AssertionError, match="computed again"):
+        evaluate_model(trained, "teacher")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import clipdistill.data.lab as lab_module
 import clipdistill.train as train_module
@@ -18,8 +18,9 @@ from cid_fixtures import build_tiny_cache, stage_config
 from clipdistill.cache import TeacherCache
 from clipdistill.config import ComkdConfig, ConfigError, ModelConfig, RunConfig
 from clipdistill.evaluate.run import run_eval
+from clipdistill.losses.comkd import Projector
 from clipdistill.methods import build_task, needs_teacher_cache
-from clipdistill.methods.comkd import ComkdHead, load_head
+from clipdistill.methods.comkd import ComkdHead, inductive_pool, load_head
 from clipdistill.methods.prompt_teacher import attach_visual_prompts
 from clipdistill.models.factory import count_parameters, create_student, create_teacher
 from clipdistill.models.prompts import TextPromptLearner, VisualPromptLearner
@@ -252,3 +253,59 @@ def test_vpt_teacher_features_replace_the_cache_in_stage2(tiny_cache, tmp_path):
     batch = {"image": torch.randn(4, 3, 32, 32), "cache_row": torch.tensor([0, 5, 7, 9])}
     assert torch.isfinite(task(batch)["loss"])  # no cached teacher_image needed
     assert train(stage2)["steps"] == 2
+
+
+def test_projector_starts_as_the_skip_projection():
+    torch.manual_seed(0)
+    skip = torch.randn(6, 4)
+    projector = Projector(4, 6, skip=skip)
+    x = torch.randn(3, 4)
+    assert torch.allclose(projector(x), x @ skip.T, atol=1e-6)
+    projector(x).sum().backward()
+    assert projector.net[-1].weight.grad.abs().sum() > 0  # the MLP learns on top of the skip
+    with pytest.raises(ValueError, match="4 -> 5"):
+        Projector(4, 5, skip=skip)
+
+
+def test_stage2_starts_from_a_trained_student(tiny_cache, prompted, tmp_path):
+    """`comkd.student_init` chains the methods: stage 2 begins with that student's weights and its
+    teacher-space image projection, so 0 steps is that student's zero-shot over W_t."""
+    cfg = _stage2(tiny_cache, prompted, tmp_path, "--train.method", "clip", "--train.name", "init")
+    train(cfg)
+    init = tmp_path / "run" / "init"
+    torch.manual_seed(1)
+    skip = torch.randn(32, 32)
+    save_file({"proj_image.proj.weight": skip}, init / "heads.safetensors")
+    cfg.train.method, cfg.train.name, cfg.train.steps = "comkd", "chained", 0
+    cfg.comkd.student_init = "init"
+    train(cfg)
+    chained, trained = (
+        load_file(tmp_path / "run" / "chained" / "model.safetensors"),
+        load_file(init / "model.safetensors"),
+    )
+    assert all(torch.equal(chained[k], v) for k, v in trained.items())
+    head = load_head(tmp_path / "run" / "chained")
+    x = torch.randn(5, 32)
+    expected = head.logit_scale * F.normalize(F.normalize(x, dim=-1) @ skip.T, dim=-1) @ head.text_bank.T
+    assert torch.allclose(head.logits(x), expected, atol=1e-4)
+
+    cfg.train.name, cfg.comkd.student_init = "missing", "no_such_run"
+    with pytest.raises(ConfigError, match="no_such_run"):
+        train(cfg)
+
+
+def test_inductive_stage2_sees_base_class_images_only(tiny_cache, prompted, tmp_path):
+    cfg = _stage2(tiny_cache, prompted, tmp_path, "--train.method", "comkd", "--comkd.inductive", "true")
+    labels = lab_module.load_lab(cfg.data).train.labels.numpy()
+    base = json.loads((tmp_path / "run" / "prompt_teacher" / "split.json").read_text())["base"]
+    pool = np.arange(len(labels))
+    kept = inductive_pool(cfg, pool)
+    assert 0 < len(kept) < len(pool) and np.isin(labels[kept], base).all()
+    assert np.isin(labels[np.setdiff1d(pool, kept)], base).sum() == 0  # every base image kept
+
+
+def test_prompt_teacher_reads_the_cached_teacher_features(prompted):
+    task = build_task(prompted, _initial_teacher(prompted).model, None)
+    images, cached = torch.randn(2, 3, 32, 32), F.normalize(torch.randn(2, 32), dim=-1).half()
+    assert torch.equal(task.encode_image(images, cached), cached.float())
+    assert torch.allclose(task.encode_image(images), task.model.encode_image(images))  # no cache: live

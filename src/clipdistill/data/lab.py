@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipdistill.config import DataConfig
+from clipdistill.config import ConfigError, DataConfig
+from clipdistill.evaluate.protocols import DOMAIN_SHIFTS
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 FILES = {
@@ -134,6 +135,8 @@ def load_lab(cfg: DataConfig) -> LabData:
                     "`apt-get install dataset-fashion-mnist` (or `make deps`), or set --data.path"
                 )
         arrays[split] = (read_idx(image_path), read_idx(label_path))
+    if cfg.domain:  # a target set for cross-dataset distillation: the same classes, shifted images
+        arrays = {split: (shift_domain(x, cfg.domain), y) for split, (x, y) in arrays.items()}
     train_images, train_labels = arrays["train"]
     order = np.random.default_rng(0).permutation(len(train_labels))
     val_rows = np.sort(order[: cfg.val_size])
@@ -148,6 +151,15 @@ def load_lab(cfg: DataConfig) -> LabData:
         classnames=list(CLASSNAMES),
         templates=list(TEMPLATES),
     )
+
+
+def shift_domain(images: np.ndarray, domain: str) -> np.ndarray:
+    """uint8 [N, 28, 28] images moved to one of the evaluation's shifted domains, still uint8."""
+    if domain not in DOMAIN_SHIFTS:
+        raise ConfigError(f"data.domain must be one of {sorted(DOMAIN_SHIFTS)}, not {domain!r}")
+    x = torch.from_numpy(np.array(images)).float().div_(255).unsqueeze(1)
+    shifted = DOMAIN_SHIFTS[domain](x).squeeze(1).mul_(255).round_().clamp_(0, 255)
+    return shifted.to(torch.uint8).numpy()
 
 
 def to_pixels(images: torch.Tensor, image_size: int) -> torch.Tensor:

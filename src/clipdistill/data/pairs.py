@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -154,6 +155,10 @@ class WebDatasetPairs(IterableDataset):
     just the tar headers of the ones before; with W > 1 that resumes exactly when every worker had
     delivered the same number of records (a multiple of batch_size * W). Bad records take an index too.
 
+    `keep` (one boolean mask per shard, in `urls` order, over the shard's records as
+    `count_shard_samples` counts them) drops the other records before anything is decoded; they take
+    no index, so `skip` counts kept records. This is how a training subset (cache rows) reaches a stream.
+
     Order is fixed by (seed, epoch): shards are shuffled, not samples, so mix samples when writing them.
     """
 
@@ -169,6 +174,7 @@ class WebDatasetPairs(IterableDataset):
         seed: int = 0,
         epoch: int = 0,
         skip: int = 0,
+        keep: list[np.ndarray] | None = None,
     ):
         self.shards = expand_urls(urls)
         missing = [s for s in self.shards if not os.path.isfile(s)]
@@ -187,13 +193,20 @@ class WebDatasetPairs(IterableDataset):
         self.seed = seed
         self.epoch = epoch
         self.skip = skip
+        if keep is not None and len(keep) != len(self.shards):
+            raise ValueError(f"keep has {len(keep)} masks for {len(self.shards)} shards")
+        self.keep = keep
+
+    def _rank_order(self) -> list[int]:
+        """Positions in `self.shards` of this rank's shards, in the order of this (seed, epoch)."""
+        order = list(range(len(self.shards)))
+        if self.shuffle_shards:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        return order[self.rank :: self.world_size]
 
     def rank_shards(self) -> list[str]:
         """This rank's shards, in the order of this (seed, epoch)."""
-        shards = list(self.shards)
-        if self.shuffle_shards:
-            random.Random(f"{self.seed}:{self.epoch}").shuffle(shards)
-        return shards[self.rank :: self.world_size]
+        return [self.shards[i] for i in self._rank_order()]
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -201,8 +214,9 @@ class WebDatasetPairs(IterableDataset):
         to_skip = max(0, -(-(self.skip - worker) // workers))  # own records whose index is below self.skip
         wanted = set(self.image_keys) | set(self.caption_keys)
         position = 0
-        for shard in self.rank_shards()[worker::workers]:
-            for record in _read_shard(shard, max(0, to_skip - position), wanted):
+        for i in self._rank_order()[worker::workers]:
+            keep = None if self.keep is None else self.keep[i]
+            for record in _read_shard(self.shards[i], max(0, to_skip - position), wanted, keep):
                 if position >= to_skip:
                     yield self._to_sample(record, position * workers + worker)
                 position += 1
@@ -232,22 +246,31 @@ _TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
-def _read_shard(path: str, skip: int, wanted: set[str]) -> Iterator[dict | None]:
+def _read_shard(
+    path: str, skip: int, wanted: set[str], keep: np.ndarray | None = None
+) -> Iterator[dict | None]:
     """One shard's samples as `{"__key__": key, ext: bytes}` (only `wanted` extensions are read).
 
-    The first `skip` samples come out as None, from the headers alone. A shard that cannot be opened
-    yields one `unreadable_shard` record; a shard cut short ends with a `truncated_shard` record in
-    place of its last sample, which may have lost members past the cut.
+    Records whose `keep` entry is False are left out. Of the rest, the first `skip` come out as None,
+    from the headers alone. A shard that cannot be opened yields one `unreadable_shard` record; a shard
+    cut short ends with a `truncated_shard` record in place of its last sample, which may have lost
+    members past the cut.
     """
+
+    def kept(record: int) -> bool:
+        return keep is None or (record < len(keep) and bool(keep[record]))
+
     try:
         tar = tarfile.open(path)
     except _TAR_ERRORS:
-        yield {"bad": "unreadable_shard", "id": path}
+        if kept(0):
+            yield {"bad": "unreadable_shard", "id": path}
         return
     with tar:
         groups, complete = _group_by_key(tar)
-        for i, (key, members) in enumerate(groups):
-            if i < skip:
+        for key, members in (group for i, group in enumerate(groups) if kept(i)):
+            if skip > 0:
+                skip -= 1
                 yield None
                 continue
             try:
@@ -256,7 +279,7 @@ def _read_shard(path: str, skip: int, wanted: set[str]) -> Iterator[dict | None]
                 yield {"bad": "unreadable", "id": key}
                 continue
             yield {"__key__": key, **data}
-        if not complete:
+        if not complete and kept(len(groups)):
             yield {"bad": "truncated_shard", "id": path}
 
 
@@ -284,9 +307,12 @@ def _group_by_key(tar: tarfile.TarFile) -> tuple[list[tuple[str, dict[str, tarfi
 
 
 def count_shard_samples(path: str) -> int:
-    """Samples (distinct keys) in one tar shard, read from its headers; 0 for an unreadable shard."""
+    """Records in one tar shard's stream (`_read_shard`), from its headers: one per sample, plus the bad
+    record that stands for a cut shard's last sample, or for a whole unreadable shard. Counting that one
+    too keeps stream positions and cache rows aligned past a bad shard."""
     try:
         with tarfile.open(path) as tar:
-            return len(_group_by_key(tar)[0])
-    except (tarfile.TarError, OSError):
-        return 0
+            groups, complete = _group_by_key(tar)
+            return len(groups) + (not complete)
+    except _TAR_ERRORS:
+        return 1

@@ -1,4 +1,5 @@
-"""Where training and embedding batches come from: the in-memory lab, a table of files, or tar shards.
+"""Where training and embedding batches come from: the in-memory lab, a table of files, tar shards, or
+one of the papers' datasets.
 
 Every source yields dicts with `image` (normalised float [B, 3, S, S]), `text` (tokens), `index`
 (the sample's row in the dataset, which is also its row in the teacher cache) and `skipped`
@@ -12,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from clipdistill.config import DataConfig
@@ -57,21 +58,13 @@ class LabPairs:
             yield self.batch(torch.as_tensor(rows, dtype=torch.long))
 
 
-class TablePairs:
-    """Pairs listed in a CSV/TSV/Parquet table, decoded by DataLoader workers."""
+class DatasetPairs:
+    """Pair records of a random-access dataset (files on disk), decoded by DataLoader workers."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: Callable, preprocess: Preprocess):
-        from clipdistill.data.pairs import PairsDataset
-
-        self.dataset = PairsDataset(
-            cfg.path,
-            pil_transform(preprocess),
-            image_key=cfg.image_key,
-            caption_key=cfg.caption_key,
-            id_key=cfg.id_key or None,
-        )
+    def __init__(self, dataset: Dataset, tokenizer: Callable, num_workers: int):
+        self.dataset = dataset
         self.tokenizer = tokenizer
-        self.num_workers = cfg.num_workers
+        self.num_workers = num_workers
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -94,6 +87,32 @@ class TablePairs:
         yield from loader
 
 
+class TablePairs(DatasetPairs):
+    """Pairs listed in a CSV/TSV/Parquet table."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Callable, preprocess: Preprocess):
+        from clipdistill.data.pairs import PairsDataset
+
+        dataset = PairsDataset(
+            cfg.path,
+            pil_transform(preprocess),
+            image_key=cfg.image_key,
+            caption_key=cfg.caption_key,
+            id_key=cfg.id_key or None,
+        )
+        super().__init__(dataset, tokenizer, cfg.num_workers)
+
+
+class PaperPairs(DatasetPairs):
+    """A split of one of the papers' datasets (`data.dataset` under `data.path`), every class, every image."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Callable, preprocess: Preprocess, split: str = "train"):
+        from clipdistill.data.paper.pairs import LabelledPairs, paper_split
+
+        labelled = paper_split(cfg, split, pil_transform(preprocess))
+        super().__init__(LabelledPairs(labelled), tokenizer, cfg.num_workers)
+
+
 class ShardPairs:
     """WebDataset tar shards. `embed` streams them in order (stream position = cache row); `train`
     streams them shard-shuffled per epoch and finds each sample's cache row by its key."""
@@ -105,10 +124,10 @@ class ShardPairs:
         self.transform = pil_transform(preprocess)
         self.tokenizer = tokenizer
         self.num_workers = cfg.num_workers
-        self._length = sum(count_shard_samples(url) for url in expand_urls(cfg.path))
+        self._counts = [count_shard_samples(url) for url in expand_urls(cfg.path)]
 
     def __len__(self) -> int:
-        return self._length
+        return sum(self._counts)
 
     def _collate(self, samples: list[dict]) -> dict:
         from clipdistill.data.pairs import collate_pairs
@@ -134,11 +153,26 @@ class ShardPairs:
                 yield self._collate(samples)
 
     def stream(
-        self, local_batch: int, seed: int, rank: int, world_size: int, start_step: int
+        self,
+        local_batch: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        start_step: int,
+        pool: np.ndarray | None = None,
     ) -> Iterator[dict]:
-        """Training batches: shards shuffled per epoch, split across ranks; resumes by skipping samples."""
+        """Training batches: shards shuffled per epoch, split across ranks; resumes by skipping samples.
+
+        `pool` (the training pool: stream rows, which are cache rows) keeps only those samples, so a
+        subset or the cache's bad samples are dropped before decoding; None streams every sample.
+        """
         from clipdistill.data.pairs import WebDatasetPairs
 
+        keep = None
+        if pool is not None and len(pool) < len(self):
+            mask = np.zeros(len(self), dtype=bool)
+            mask[pool] = True
+            keep = np.split(mask, np.cumsum(self._counts)[:-1])
         epoch, skip = 0, start_step * local_batch
         while True:
             dataset = WebDatasetPairs(
@@ -150,6 +184,7 @@ class ShardPairs:
                 seed=seed,
                 epoch=epoch,
                 skip=skip,
+                keep=keep,
             )
             loader = DataLoader(
                 dataset,
@@ -168,14 +203,16 @@ class ShardPairs:
 
 
 def make_pair_source(cfg: DataConfig, tokenizer: Callable, preprocess: Preprocess, split: str = "train"):
-    """The random-access pair source for `cfg` (the lab's `split`, or a table of files)."""
+    """The pair source for `cfg` (the lab's or a paper dataset's `split`, a table of files, or shards)."""
     if cfg.kind == "lab":
         return LabPairs(getattr(load_lab(cfg), split), tokenizer, preprocess)
     if cfg.kind == "csv":
         return TablePairs(cfg, tokenizer, preprocess)
     if cfg.kind == "webdataset":
         return ShardPairs(cfg, tokenizer, preprocess)
-    raise ValueError(f"unknown data.kind {cfg.kind!r}; use lab, csv (csv/tsv/parquet) or webdataset")
+    if cfg.kind == "paper":
+        return PaperPairs(cfg, tokenizer, preprocess, split)
+    raise ValueError(f"unknown data.kind {cfg.kind!r}; use lab, csv (csv/tsv/parquet), webdataset or paper")
 
 
 class StepSampler:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import time
 from pathlib import Path
 
@@ -12,11 +13,11 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from clipdistill.checkpoint import write_json
-from clipdistill.config import ConfigError, RunConfig, config_from_dict
+from clipdistill.checkpoint import atomic_write, write_json
+from clipdistill.config import ConfigError, RunConfig, config_from_dict, fingerprint, to_dict
 from clipdistill.data.lab import LabSplit, load_lab, to_pixels
 from clipdistill.evaluate.linear_probe import linear_probe
-from clipdistill.evaluate.protocols import base_novel_split, base_to_novel, domain_shift
+from clipdistill.evaluate.protocols import DOMAIN_SHIFTS, base_novel_split, base_to_novel, domain_shift
 from clipdistill.evaluate.retrieval import retrieval_recall
 from clipdistill.evaluate.zeroshot import predict_with_classifier, zeroshot_accuracy, zeroshot_classifier
 from clipdistill.methods.comkd import TEXT_BANK, load_head
@@ -72,6 +73,22 @@ def text_features(loaded: LoadedModel, texts: list[str], device: torch.device, b
     return F.normalize(torch.cat(out), dim=-1)
 
 
+def teacher_feature_memo(cfg: RunConfig, visual: torch.nn.Module) -> Path:
+    """Where a frozen teacher image tower's eval features are kept, keyed by its weights: the teacher
+    and every prompt-tuned teacher without visual prompts share one tower, so its features are
+    computed once per run dir instead of once per evaluation."""
+    digest = hashlib.sha256(fingerprint(to_dict(cfg.data)).encode())  # the splits depend on the data
+    for key, tensor in sorted(visual.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return Path(cfg.run_dir) / "eval_features" / digest.hexdigest()[:16]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)
+
+
 def evaluate_model(cfg: RunConfig, name: str) -> dict:
     """Metrics (percent) of model `name` on the lab, in DESIGN section 7's names."""
     if cfg.data.kind != "lab":
@@ -86,6 +103,7 @@ def evaluate_model(cfg: RunConfig, name: str) -> dict:
     ec = cfg.eval
     if ec.protocol not in PROTOCOLS:
         raise ConfigError(f"eval.protocol must be one of {PROTOCOLS}, not {ec.protocol!r}")
+    memo = teacher_feature_memo(cfg, loaded.model.visual) if name == "teacher" else None
     # A ComKD student has no text tower: it classifies through its head and the teacher's text bank.
     head = load_head(Path(cfg.run_dir) / name) if name != "teacher" else None
     if head is not None:
@@ -96,7 +114,8 @@ def evaluate_model(cfg: RunConfig, name: str) -> dict:
             return head(features.to(device)).float().cpu()
     elif name != "teacher" and (Path(cfg.run_dir) / name / TEXT_BANK).is_file():  # a prompt-tuned teacher
         classifier = torch.from_numpy(np.load(Path(cfg.run_dir) / name / TEXT_BANK)).T
-        attach_visual_prompts(loaded.model, Path(cfg.run_dir) / name)
+        if not attach_visual_prompts(loaded.model, Path(cfg.run_dir) / name):
+            memo = teacher_feature_memo(cfg, loaded.model.visual)
 
         def class_features(features: torch.Tensor) -> torch.Tensor:
             return features
@@ -108,10 +127,23 @@ def evaluate_model(cfg: RunConfig, name: str) -> dict:
         def class_features(features: torch.Tensor) -> torch.Tensor:
             return features
 
-    test = image_features(loaded, lab.test, ec.batch_size, device, desc="test")
+    def features(split: str, limit: int = 0, shift=None) -> torch.Tensor:
+        shift_name = shift_names.get(shift, "none")
+        path = memo / f"{split}_{limit}_{shift_name}_{ec.batch_size}.npy" if memo is not None else None
+        if path is not None and path.is_file():
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        desc = split if shift is None else f"{split} {shift_name}"
+        feats = image_features(loaded, getattr(lab, split), ec.batch_size, device, limit, desc, shift)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: _save_npy(tmp, feats.numpy()))
+        return feats
+
+    shift_names = {shift: shift_name for shift_name, shift in DOMAIN_SHIFTS.items()}
+    test = features("test")
     zs = zeroshot_accuracy(class_features(test), lab.test.labels, classifier)
-    train = image_features(loaded, lab.train, ec.batch_size, device, ec.linear_probe_train, desc="probe")
-    val = image_features(loaded, lab.val, ec.batch_size, device, desc="val")
+    train = features("train", ec.linear_probe_train)
+    val = features("val")
     probe = linear_probe(train, lab.train.labels[: len(train)], val, lab.val.labels, test, lab.test.labels)
     metrics = {
         # a ComKD student deploys its image tower and head only (no text tower)
@@ -145,7 +177,7 @@ def evaluate_model(cfg: RunConfig, name: str) -> dict:
     if ec.protocol in ("domain", "all"):
 
         def shifted_logits(shift) -> torch.Tensor:
-            feats = image_features(loaded, lab.test, ec.batch_size, device, desc="shifted", shift=shift)
+            feats = features("test", shift=shift)
             return predict_with_classifier(class_features(feats), classifier)
 
         metrics |= domain_shift(shifted_logits, lab.test.labels)
@@ -158,9 +190,16 @@ def run_eval(cfg: RunConfig) -> dict:
     metrics = evaluate_model(cfg, name)
     folder = Path(cfg.run_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "eval.json", metrics)
-    with open(folder / "eval.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["model", *metrics])
-        writer.writeheader()
-        writer.writerow({"model": name, **metrics})
+    (folder / "eval.json").unlink(missing_ok=True)  # the done mark: never paired with a newer eval.csv
+    for stale in folder.glob(".eval.*.tmp"):  # half-written files of a killed eval (see atomic_path)
+        stale.unlink()
+    atomic_write(folder / "eval.csv", lambda tmp: _write_csv(tmp, {"model": name, **metrics}))
+    write_json(folder / "eval.json", metrics)  # last: written only once everything else is
     return metrics
+
+
+def _write_csv(path: Path, row: dict) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerow(row)

@@ -16,16 +16,29 @@ from torch import nn
 class Projector(nn.Module):
     """P: lift the student's image feature into the teacher's space (Linear-GELU-Linear).
 
-    `hidden` defaults to `out_dim`.
+    `hidden` defaults to `out_dim`. `skip`, a linear map already into the teacher's space (a CID
+    student's image projection), is added to the MLP, whose last layer then starts at zero: P
+    begins as that map, so stage 2 starts from the student's own zero-shot classifier over W_t.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden: int | None = None, skip: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         hidden = hidden or out_dim
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        self.skip = None
+        if skip is not None:
+            if tuple(skip.shape) != (out_dim, in_dim):
+                raise ValueError(f"skip projection is {tuple(skip.shape)}, P maps {in_dim} -> {out_dim}")
+            self.skip = nn.Linear(in_dim, out_dim, bias=False)
+            with torch.no_grad():
+                self.skip.weight.copy_(skip)
+                self.net[-1].weight.zero_()
+                self.net[-1].bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(x) + self.skip(x) if self.skip is not None else self.net(x)
 
 
 class IFAlignLoss(nn.Module):

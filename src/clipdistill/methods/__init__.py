@@ -2,6 +2,8 @@
 
 A recipe that distils declares it needs the teacher cache; the trainer then adds the cached
 `teacher_image` and `teacher_text` rows to every batch (the teacher never runs in the loop).
+A recipe that can use the cache but also works without it (stage 1 of ComKD) gets the rows
+when the run's cache is built.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ from clipdistill.methods.prompt_teacher import build_prompt_teacher
 
 Builder = Callable[[RunConfig, nn.Module, TeacherCache | None], nn.Module]
 
-# name -> (builder, needs the teacher cache)
-METHODS: dict[str, tuple[Builder, bool]] = {
-    "clip": (lambda cfg, model, cache: ClipTask(model), False),
-    "cid": (build_cid, True),
-    "prompt_teacher": (build_prompt_teacher, False),
-    "comkd": (build_comkd, True),
-    "promptkd": (build_comkd, True),
-    **{kind: (baseline_builder(kind), True) for kind in BASELINES},
+# name -> (builder, its use of the teacher cache: "required" | "optional" | "none")
+METHODS: dict[str, tuple[Builder, str]] = {
+    "clip": (lambda cfg, model, cache: ClipTask(model), "none"),
+    "cid": (build_cid, "required"),
+    "prompt_teacher": (build_prompt_teacher, "optional"),
+    "comkd": (build_comkd, "required"),
+    "promptkd": (build_comkd, "required"),
+    **{kind: (baseline_builder(kind), "required") for kind in BASELINES},
 }
 
 
@@ -46,7 +48,12 @@ def method_sections(method: str) -> tuple[str, ...]:
 
 
 def needs_teacher_cache(method: str) -> bool:
-    return _lookup(method)[1]
+    return _lookup(method)[1] == "required"
+
+
+def reads_teacher_cache(method: str) -> bool:
+    """Whether the method uses the cache's rows when there is one (required or optional)."""
+    return _lookup(method)[1] != "none"
 
 
 def build_task(cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> nn.Module:
@@ -54,7 +61,7 @@ def build_task(cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> 
     return _lookup(cfg.train.method)[0](cfg, model, cache)
 
 
-def _lookup(method: str) -> tuple[Builder, bool]:
+def _lookup(method: str) -> tuple[Builder, str]:
     if method not in METHODS:
         raise ConfigError(f"unknown train.method {method!r}; known: {sorted(METHODS)}")
     return METHODS[method]

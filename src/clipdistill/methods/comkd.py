@@ -21,6 +21,7 @@ from torch import nn
 from clipdistill.checkpoint import load_state_dict
 from clipdistill.config import ComkdConfig, ConfigError, RunConfig, config_from_dict
 from clipdistill.losses.comkd import EduAttention, IFAlignLoss, Projector, RefinementKDLoss
+from clipdistill.methods.labelled import labelled_train
 
 TEXT_BANK = "text_bank.npy"  # written by stage 1 (methods/prompt_teacher.py)
 IMAGE_FEATURES = "image_features.npy"  # stage 1 with visual prompts: the prompted teacher's u_t per row
@@ -31,10 +32,16 @@ class ComkdHead(nn.Module):
     """What the student needs at inference besides its encoder: P, EduAttention and W_t (a buffer,
     so it is saved in heads.safetensors and the student needs no text tower)."""
 
-    def __init__(self, student_dim: int, text_bank: torch.Tensor, cfg: ComkdConfig) -> None:
+    def __init__(
+        self,
+        student_dim: int,
+        text_bank: torch.Tensor,
+        cfg: ComkdConfig,
+        skip: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         dim = int(text_bank.shape[1])
-        self.projector = Projector(student_dim, dim)
+        self.projector = Projector(student_dim, dim, skip=skip)
         self.edu = EduAttention(dim, cfg.attention_scale) if cfg.use_eduattention else None
         self.register_buffer("text_bank", F.normalize(text_bank.float(), dim=-1))
         self.logit_scale = cfg.logit_scale
@@ -65,13 +72,14 @@ class ComkdTask(nn.Module):
         text_bank: torch.Tensor,
         cfg: ComkdConfig,
         teacher_images: torch.Tensor | None = None,
+        skip: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("visual.")
         self.model = model
         self.cfg = cfg
-        self.head = ComkdHead(int(model.visual.output_dim), text_bank, cfg)
+        self.head = ComkdHead(int(model.visual.output_dim), text_bank, cfg, skip)
         self.kd_loss = RefinementKDLoss(cfg.temperature, cfg.logit_scale)
         self.align_loss = IFAlignLoss() if cfg.use_ifalign else None
         self.register_buffer("teacher_images", teacher_images, persistent=False)
@@ -85,7 +93,9 @@ class ComkdTask(nn.Module):
         p = self.head.project(student)
         f_e = self.head.edu(p, self.head.text_bank) if self.head.edu is not None else p
         kd = self.kd_loss(f_e, teacher_image, self.head.text_bank)
-        align = self.align_loss(p, teacher_image) if self.align_loss is not None else kd.new_zeros(())
+        # IFAlign on the unit sphere, where u_t lives and where the KD term compares (it normalises f_e)
+        on_sphere = F.normalize(p, dim=-1)
+        align = self.align_loss(on_sphere, teacher_image) if self.align_loss is not None else kd.new_zeros(())
         loss = self.cfg.lambda_kd * kd + self.cfg.lambda_align * align
         alpha = self.head.edu.alpha.detach() if self.head.edu is not None else kd.new_zeros(())
         return {"loss": loss, "kd": kd.detach(), "align": align.detach(), "alpha": alpha}
@@ -105,21 +115,56 @@ def comkd_settings(cfg: RunConfig) -> ComkdConfig:
     return settings
 
 
+def _run_folder(cfg: RunConfig, name: str, needed: str) -> Path | None:
+    """Train folder `name` of the run dir holding `needed`, or (a multi-seed lab) the run of the same seed."""
+    configured = Path(cfg.run_dir) / name
+    for folder in (configured, Path(f"{configured}_seed{cfg.train.seed}")):
+        if (folder / needed).is_file():
+            return folder
+    return None
+
+
 def prompt_teacher_folder(cfg: RunConfig) -> Path:
     """Stage 1's folder, or (a multi-seed lab) the stage-1 run of the same seed."""
-    configured = Path(cfg.run_dir) / cfg.comkd.prompt_teacher
-    for folder in (configured, Path(f"{configured}_seed{cfg.train.seed}")):
-        if (folder / TEXT_BANK).is_file():
-            return folder
-    raise ConfigError(
-        f"train.method {cfg.train.method} needs the prompt-tuned teacher's text bank "
-        f"{configured / TEXT_BANK}: run `clipdistill train --train.role teacher "
-        "--train.method prompt_teacher` first"
-    )
+    folder = _run_folder(cfg, cfg.comkd.prompt_teacher, TEXT_BANK)
+    if folder is None:
+        raise ConfigError(
+            f"train.method {cfg.train.method} needs the prompt-tuned teacher's text bank "
+            f"{Path(cfg.run_dir) / cfg.comkd.prompt_teacher / TEXT_BANK}: run `clipdistill train "
+            "--train.role teacher --train.method prompt_teacher` first"
+        )
+    return folder
+
+
+def load_student_init(cfg: RunConfig, model: nn.Module) -> torch.Tensor | None:
+    """Load `comkd.student_init`'s trained student into `model`; return its image projection into
+    the teacher's space (CID's `proj_image`) for P's skip path, or None when it has none."""
+    folder = _run_folder(cfg, cfg.comkd.student_init, "done.json")
+    if folder is None:
+        raise ConfigError(
+            f"comkd.student_init {cfg.comkd.student_init!r}: no finished run at "
+            f"{Path(cfg.run_dir) / cfg.comkd.student_init}: train that student first"
+        )
+    try:
+        model.load_state_dict(load_state_dict(folder / "model.safetensors"))
+    except RuntimeError as e:
+        raise ConfigError(f"comkd.student_init {folder} is not this student ({cfg.student.name}): {e}") from e
+    heads = folder / "heads.safetensors"
+    state = load_state_dict(heads) if heads.is_file() else {}
+    weight = state.get("proj_image.proj.weight")  # absent when the widths match (identity) or no CID
+    return weight.float() if weight is not None else None
 
 
 def load_text_bank(cfg: RunConfig) -> torch.Tensor:
     return torch.from_numpy(np.load(prompt_teacher_folder(cfg) / TEXT_BANK, allow_pickle=False))
+
+
+def inductive_pool(cfg: RunConfig, pool: np.ndarray) -> np.ndarray:
+    """The inductive variant's stage-2 images: those of base classes only, so novel classes are never
+    seen, not even unlabeled (the default, transductive, uses every train image). The split picks
+    the images; the batches still carry no label the student reads."""
+    train = labelled_train(cfg)
+    return pool[np.isin(train.labels.numpy()[pool], train.base)]
 
 
 def build_comkd(cfg: RunConfig, model: nn.Module, cache) -> ComkdTask:
@@ -139,7 +184,13 @@ def build_comkd(cfg: RunConfig, model: nn.Module, cache) -> ComkdTask:
         teacher_images = torch.from_numpy(np.load(features, allow_pickle=False))
         if cache is not None and len(teacher_images) != len(cache):
             raise ConfigError(f"{features} has {len(teacher_images)} rows but the teacher cache {len(cache)}")
-    return ComkdTask(model, text_bank, comkd_settings(cfg), teacher_images)
+    skip = load_student_init(cfg, model) if cfg.comkd.student_init else None
+    if skip is not None and skip.shape[0] != text_bank.shape[1]:
+        raise ConfigError(
+            f"comkd.student_init's image projection maps to width {skip.shape[0]}, the text bank is "
+            f"{text_bank.shape[1]} wide: the student was distilled from another teacher"
+        )
+    return ComkdTask(model, text_bank, comkd_settings(cfg), teacher_images, skip)
 
 
 def load_head(folder: str | Path) -> ComkdHead | None:
@@ -150,6 +201,8 @@ def load_head(folder: str | Path) -> ComkdHead | None:
         return None
     state = {k.removeprefix("head."): v for k, v in load_state_dict(folder / "heads.safetensors").items()}
     student_dim = int(state["projector.net.0.weight"].shape[1])
-    head = ComkdHead(student_dim, state["text_bank"], comkd_settings(trained))
+    head = ComkdHead(
+        student_dim, state["text_bank"], comkd_settings(trained), state.get("projector.skip.weight")
+    )
     head.load_state_dict(state)
     return head.eval().requires_grad_(False)

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipdistill.checkpoint import load_state_dict
+from clipdistill.checkpoint import atomic_write, load_state_dict
 from clipdistill.config import ComkdConfig, ConfigError, RunConfig
-from clipdistill.data.lab import load_lab, to_pixels
-from clipdistill.evaluate.protocols import base_novel_split
-from clipdistill.models.factory import Preprocess, build_tokenizer, load_model_config, preprocess_for
+from clipdistill.data.sources import make_pair_source
+from clipdistill.methods.labelled import labelled_train
+from clipdistill.models.factory import build_tokenizer, load_model_config, preprocess_for
 from clipdistill.models.prompts import TextPromptLearner, VisualPromptLearner
 
 TEXT_BANK = "text_bank.npy"
@@ -43,8 +43,7 @@ class PromptTeacherTask(nn.Module):
         labels: torch.Tensor,
         base: list[int],
         cfg: ComkdConfig,
-        images: torch.Tensor | None = None,
-        preprocess: Preprocess | None = None,
+        source=None,
     ) -> None:
         super().__init__()
         if bool(cfg.vpt_depth) != bool(cfg.vpt_tokens):
@@ -58,7 +57,7 @@ class PromptTeacherTask(nn.Module):
         self.visual_prompts = None
         if cfg.vpt_depth:
             self.visual_prompts = VisualPromptLearner(model.visual, cfg.vpt_depth, cfg.vpt_tokens)
-        self.images, self.preprocess = images, preprocess  # the training images, for export
+        self.source = source  # the training pair source: its images, for export
         class_to_base = torch.full((len(classnames),), -1, dtype=torch.long)
         class_to_base[torch.tensor(base)] = torch.arange(len(base))
         self.register_buffer("base", torch.tensor(base, dtype=torch.long), persistent=False)
@@ -76,16 +75,22 @@ class PromptTeacherTask(nn.Module):
         if not keep.any():  # a batch of novel-class images only: nothing labeled to learn from
             zero = text.sum() * 0
             return {"loss": zero, "ce": zero.detach(), "acc": zero.detach()}
-        image = F.normalize(self.encode_image(batch["image"][keep]), dim=-1)
+        cached = batch.get("teacher_image")
+        image = F.normalize(
+            self.encode_image(batch["image"][keep], None if cached is None else cached[keep]), dim=-1
+        )
         logits = self.model.logit_scale.exp() * image @ text.T
         loss = F.cross_entropy(logits, target[keep])
         acc = (logits.argmax(dim=1) == target[keep]).float().mean()
         return {"loss": loss, "ce": loss.detach(), "acc": acc.detach()}
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """The teacher's image feature, through the visual prompts when there are any."""
+    def encode_image(self, images: torch.Tensor, cached: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's image feature, through the visual prompts when there are any; without
+        them it is the frozen teacher's own feature, read from the cache when the run has one."""
         if self.visual_prompts is not None:
             return self.visual_prompts(self.model.visual, images)
+        if cached is not None:
+            return cached.float()
         with torch.no_grad():
             return self.model.encode_image(images)
 
@@ -100,14 +105,21 @@ class PromptTeacherTask(nn.Module):
 
     @torch.no_grad()
     def image_features(self, batch_size: int = 512) -> torch.Tensor:
-        """Normalised prompted features of every training image (float16, cache row order)."""
+        """Normalised prompted features of every training image (float16, cache row order; zeros for an
+        image that cannot be read, a row the cache marks invalid too)."""
         device = self.prompts.ctx.device
-        out = []
-        for start in range(0, len(self.images), batch_size):
-            pixels = to_pixels(self.images[start : start + batch_size], self.preprocess.image_size)
-            x = self.preprocess.normalize(pixels).to(device)
-            out.append(F.normalize(self.encode_image(x).float(), dim=-1).half().cpu())
-        return torch.cat(out)
+        rows = np.arange(len(self.source))
+        out = None
+        for batch in self.source.batches(rows[i : i + batch_size] for i in range(0, len(rows), batch_size)):
+            if len(batch["index"]) == 0:
+                continue
+            features = F.normalize(self.encode_image(batch["image"].to(device)).float(), dim=-1).half().cpu()
+            if out is None:
+                out = torch.zeros(len(rows), features.shape[1], dtype=torch.float16)
+            out[batch["index"]] = features
+        if out is None:
+            raise ValueError("prompt_teacher: no training image could be read for the image features")
+        return out
 
     @torch.no_grad()
     def text_bank(self) -> torch.Tensor:
@@ -115,45 +127,52 @@ class PromptTeacherTask(nn.Module):
         return F.normalize(self.prompts(self.model).float(), dim=-1).cpu()
 
     def export(self, out: Path) -> None:
-        """Write the text bank and the split: what stage 2 reads instead of the teacher's text tower."""
-        np.save(out / TEXT_BANK, self.text_bank().numpy())
-        if self.visual_prompts is not None:
-            np.save(out / IMAGE_FEATURES, self.image_features().numpy())
+        """Write the split, the image features and the text bank: what stage 2 reads instead of the
+        teacher's text tower. Each atomically, the bank last: stage 2 looks for it, so it marks the rest."""
         base = self.base.tolist()
         novel = [c for c in range(len(self.classnames)) if c not in base]
-        (out / SPLIT).write_text(json.dumps({"classnames": self.classnames, "base": base, "novel": novel}))
+        split = json.dumps({"classnames": self.classnames, "base": base, "novel": novel})
+        atomic_write(out / SPLIT, lambda tmp: tmp.write_text(split))
+        if self.visual_prompts is not None:
+            _save_npy(out / IMAGE_FEATURES, self.image_features().numpy())
+        _save_npy(out / TEXT_BANK, self.text_bank().numpy())
 
 
-def attach_visual_prompts(model: nn.Module, folder: Path) -> None:
-    """Route `model.encode_image` through the visual prompts stage 1 saved in `folder`, if any (eval)."""
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
+            np.save(f, array, allow_pickle=False)
+
+    atomic_write(path, write)
+
+
+def attach_visual_prompts(model: nn.Module, folder: Path) -> bool:
+    """Route `model.encode_image` through the visual prompts stage 1 saved in `folder`, if any (eval);
+    returns whether there were any."""
     heads = Path(folder) / "heads.safetensors"
     state = load_state_dict(heads) if heads.is_file() else {}
     if "visual_prompts.prompts" not in state:
-        return
+        return False
     prompts = state["visual_prompts.prompts"]
     vpt = VisualPromptLearner(model.visual, prompts.shape[0], prompts.shape[1])
     vpt.load_state_dict({"prompts": prompts})
     vpt.requires_grad_(False).to(next(model.parameters()).device)
     model.encode_image = lambda images, normalize=False: vpt(model.visual, images)
+    return True
 
 
 def build_prompt_teacher(cfg: RunConfig, model: nn.Module, cache) -> PromptTeacherTask:
     if cfg.train.role != "teacher":
         raise ConfigError("train.method prompt_teacher tunes the teacher's prompts: set --train.role teacher")
-    if cfg.data.kind != "lab":
-        raise ConfigError(
-            "train.method prompt_teacher needs class labels: it runs on the lab (data.kind lab)"
-        )
-    lab = load_lab(cfg.data)
-    base, _ = base_novel_split(len(lab.classnames), cfg.comkd.base_fraction, cfg.comkd.split_seed)
+    train = labelled_train(cfg)  # the training pool keeps its labelled rows (labelled_pool)
     config = load_model_config(cfg.teacher.name)
+    tokenizer = build_tokenizer(config)
     return PromptTeacherTask(
         model,
-        build_tokenizer(config),
-        lab.classnames,
-        lab.train.labels,
-        base,
+        tokenizer,
+        train.classnames,
+        train.labels,
+        train.base,
         cfg.comkd,
-        images=lab.train.images,
-        preprocess=preprocess_for(config),
+        source=make_pair_source(cfg.data, tokenizer, preprocess_for(config)),
     )

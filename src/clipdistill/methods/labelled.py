@@ -1,0 +1,58 @@
+"""The labelled side of the training data, which only ComKD reads: stage 1 learns from labels, and the
+inductive variant keeps the images of base classes.
+
+Rows are those of the training source (and so of the teacher cache). On the lab every train image is
+labelled and the base classes are a seeded half (`comkd.base_fraction`, `comkd.split_seed`); on a
+paper dataset the base classes are CoOp's first half, the labelled images CoOp's few-shot draw of them
+(`data.shots` per class, seeded by `train.seed`), as `eval --suite base_to_novel` scores them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from clipdistill.config import ConfigError, RunConfig
+from clipdistill.data.lab import load_lab
+from clipdistill.data.paper.pairs import paper_split
+from clipdistill.evaluate.protocols import base_novel_split
+
+
+@dataclass
+class LabelledTrain:
+    """What ComKD reads of the training data besides its images, row for row with the pair source."""
+
+    classnames: list[str]  # every class, in the dataset's order: the text bank's rows
+    labels: torch.Tensor  # the class of each training row
+    base: list[int]  # the base classes
+    labelled: np.ndarray | None  # rows stage 1 may learn from; None = every row (novel ones are ignored)
+
+
+def labelled_train(cfg: RunConfig) -> LabelledTrain:
+    """Class names, labels, base classes and stage 1's labelled rows of `cfg.data`'s train split."""
+    if cfg.data.kind == "lab":
+        lab = load_lab(cfg.data)
+        base, _ = base_novel_split(len(lab.classnames), cfg.comkd.base_fraction, cfg.comkd.split_seed)
+        return LabelledTrain(list(lab.classnames), lab.train.labels, base, None)
+    if cfg.data.kind == "paper":
+        full = paper_split(cfg.data, "train", None)
+        protocol = {"shots": cfg.data.shots, "seed": cfg.train.seed, "subsample": "base"}
+        few = paper_split(cfg.data, "train", None, **protocol)
+        row_of = {item: row for row, (item, _) in enumerate(full.samples)}
+        labels = torch.tensor([label for _, label in full.samples], dtype=torch.long)
+        base = list(range(math.ceil(len(full.classnames) / 2)))  # CoOp's halving (subsample "base")
+        labelled = np.array([row_of[item] for item, _ in few.samples])
+        return LabelledTrain(list(full.classnames), labels, base, labelled)
+    raise ConfigError(
+        "ComKD's stage 1 and inductive variant need class labels: data.kind lab or paper, "
+        f"not {cfg.data.kind!r}"
+    )
+
+
+def labelled_pool(cfg: RunConfig, pool: np.ndarray) -> np.ndarray:
+    """Stage 1's training rows: the pool within the labelled ones (every row of the lab)."""
+    labelled = labelled_train(cfg).labelled
+    return pool if labelled is None else np.intersect1d(pool, labelled)

@@ -1,0 +1,55 @@
+"""`train.optimizer`: AdamW (the default) or SGD with momentum (CoOp's and PromptKD's recipe)."""
+
+import pytest
+import torch
+from torch import nn
+
+from clipdistill.checkpoint import safe_torch_load
+from clipdistill.config import ConfigError, TrainConfig, to_dict
+from clipdistill.train import _fingerprinted, make_optimizer, output_dir, train, training_fingerprint
+from conftest import needs_lab
+
+
+class _Task(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+
+def test_adamw_is_the_default():
+    opt = make_optimizer(_Task(), TrainConfig(lr=0.01, weight_decay=0.2))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["betas"] == (0.9, 0.98)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.2]  # bias without decay
+
+
+def test_sgd_has_momentum_and_the_same_decay_rule():
+    opt = make_optimizer(_Task(), TrainConfig(optimizer="sgd", lr=0.005, weight_decay=5e-4))
+    assert isinstance(opt, torch.optim.SGD)
+    assert opt.defaults["momentum"] == 0.9 and opt.defaults["lr"] == 0.005
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 5e-4]
+
+
+def test_unknown_optimizer_is_refused_before_any_work(tiny_config):
+    with pytest.raises(ConfigError, match="train.optimizer must be one of"):
+        make_optimizer(_Task(), TrainConfig(optimizer="adam"))
+    with pytest.raises(ConfigError, match="train.optimizer must be one of"):
+        train(tiny_config("--train.optimizer", "lion"))
+
+
+def test_default_optimizer_keeps_the_fingerprint_of_older_runs(tiny_config):
+    cfg = tiny_config()
+    older = to_dict(cfg)
+    del older["train"]["optimizer"]  # a run written before the key existed
+    assert _fingerprinted(older) == _fingerprinted(to_dict(cfg))
+    assert training_fingerprint(tiny_config("--train.optimizer", "sgd")) != training_fingerprint(cfg)
+
+
+@needs_lab
+def test_training_with_sgd(tiny_config):
+    cfg = tiny_config("--train.optimizer", "sgd", "--train.lr", "0.005")
+    train(cfg)
+    state = safe_torch_load(output_dir(cfg) / "checkpoint.pt")
+    groups = state["optimizer"]["param_groups"]
+    assert all(g["momentum"] == 0.9 for g in groups)
+    assert all("momentum_buffer" in s for s in state["optimizer"]["state"].values())
