@@ -20,7 +20,7 @@ from clipdistill.train import train
 
 # ComKD stage 2 (DESIGN 4) starts from the CID student of the same seed: the two methods chain.
 STAGE2 = {"comkd.student_init": "cid", "eval.protocol": "all"}
-CROSS = {"data.domain": "low_contrast", "eval.protocol": "base_to_novel"}
+CROSS = {"data.domain": "blurred", "eval.protocol": "base_to_novel"}
 # Row name -> config overrides as dotted `section.key` (method and, for ablations, its settings).
 ROWS: dict[str, dict] = {
     "no_kd": {"train.method": "clip"},
@@ -49,7 +49,7 @@ ROWS: dict[str, dict] = {
     "comkd_no_eduattention": {"train.method": "comkd", "comkd.use_eduattention": False, **STAGE2},
     "comkd_inductive": {"train.method": "comkd", "comkd.inductive": True, **STAGE2},
     "promptkd_inductive": {"train.method": "promptkd", "comkd.inductive": True, **STAGE2},
-    # Cross-dataset: distil on a target set's unlabeled images (the low-contrast lab, its own cache),
+    # Cross-dataset: distil on a target set's unlabeled images (the blurred lab, its own cache),
     # evaluate on its test split.
     "promptkd_cross": {"train.method": "promptkd", **STAGE2, **CROSS},
     "comkd_cross": {"train.method": "comkd", **STAGE2, **CROSS},
