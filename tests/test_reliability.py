@@ -416,7 +416,7 @@ def test_stage1_stopped_before_its_text_bank_is_not_taken_for_finished(
     before it leaves stage 2 refusing to start, and a rerun finishes stage 1."""
     from clipdistill.methods import prompt_teacher
 
-    real = prompt_teacher._save_npy
+    real = prompt_teacher.save_npy
 
     def no_space_for_the_bank(path, array):
         if path.name == prompt_teacher.TEXT_BANK:
@@ -427,7 +427,7 @@ def test_stage1_stopped_before_its_text_bank_is_not_taken_for_finished(
     stage1 = ["train", *tiny_overrides(run_dir, *STAGE_ARGS, "--train.role", "teacher")]
     stage1 += ["--train.method", "prompt_teacher", "--train.steps", "2"]
     stage2 = ["train", *tiny_overrides(run_dir, *STAGE_ARGS, "--train.method", "comkd", "--train.steps", "2")]
-    monkeypatch.setattr(prompt_teacher, "_save_npy", no_space_for_the_bank)
+    monkeypatch.setattr(prompt_teacher, "save_npy", no_space_for_the_bank)
     code, err = _main(stage1, capsys)
     assert code == 1 and "No space left on device" in _one_error_line(err)
     folder = run_dir / "prompt_teacher"

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from clipdistill.checkpoint import atomic_write, read_json, write_json
+from clipdistill.checkpoint import read_json, save_npy, write_json
 
 
 class CacheMismatchError(RuntimeError):
@@ -155,11 +155,6 @@ def embed_shard(
     return emb, {"ids": ids, "valid": valid.tolist(), "skipped": skipped}
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a temp name
-        np.save(f, array, allow_pickle=False)
-
-
 def build_cache(
     folder: str | Path, meta: CacheMeta, teacher, source, batch_size: int, device: torch.device
 ) -> dict:
@@ -194,7 +189,7 @@ def build_cache(
         index = np.arange(rows.start, rows.stop)
         batches = source.batches(np.array_split(index, -(-len(index) // batch_size)))
         emb, record = embed_shard(teacher, batches, rows, width, device, progress)
-        atomic_write(folder / f"emb_{s:05d}.npy", lambda tmp, emb=emb: _save_npy(tmp, emb))
+        save_npy(folder / f"emb_{s:05d}.npy", emb)
         write_json(folder / f"shard_{s:05d}.json", record)  # the shard's done mark, written last
         skipped += len(record["skipped"])
     progress.close()

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -45,6 +46,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
     with atomic_path(path) as tmp:
         write(tmp)
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """An .npy file written atomically (no pickled objects)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
+            np.save(f, array, allow_pickle=False)
+
+    atomic_write(path, write)
 
 
 def write_json(path: str | os.PathLike, value: Any) -> None:

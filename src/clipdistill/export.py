@@ -11,12 +11,11 @@ import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipdistill.checkpoint import atomic_write, save_state_dict, write_json
+from clipdistill.checkpoint import atomic_write, save_npy, save_state_dict, write_json
 from clipdistill.config import ConfigError, RunConfig
 from clipdistill.methods.comkd import ComkdHead, load_head
 from clipdistill.models.factory import LoadedModel, _resolve_hf_names
@@ -100,11 +99,6 @@ def export_open_clip(loaded: LoadedModel, folder: Path) -> Path:
     return folder
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to the temporary name
-        np.save(f, array)
-
-
 def _onnx(module: nn.Module, example: torch.Tensor, path: Path, names: tuple[str, str], opset: int) -> None:
     """One encoder with a dynamic batch axis (TorchScript exporter: the dynamo one needs onnxscript)."""
     module.eval()
@@ -166,7 +160,7 @@ def export_onnx(loaded: LoadedModel, folder: Path, head: ComkdHead | None = None
             opset,
         )
         bank = head.text_bank.float().numpy()
-        atomic_write(folder / "text_bank.npy", lambda tmp: _save_npy(tmp, bank))
+        save_npy(folder / "text_bank.npy", bank)
         spec["head"] = {"logit_scale": float(head.logit_scale), "classes": int(bank.shape[0])}
     write_json(folder / "preprocess.json", spec)
     return folder

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from clipdistill.cache import TeacherCache
-from clipdistill.checkpoint import atomic_write, read_json, write_json
+from clipdistill.checkpoint import atomic_write, read_json, save_npy, write_json
 from clipdistill.config import ConfigError, RunConfig, fingerprint, to_dict
 from clipdistill.curate.balance import (
     cluster_size_histogram_png,
@@ -46,14 +46,6 @@ class CacheView:
 
 def _cache(cfg: RunConfig) -> TeacherCache:
     return TeacherCache(Path(cfg.run_dir) / "cache")
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a bare path
-            np.save(f, array, allow_pickle=False)
-
-    atomic_write(path, write)
 
 
 def _clear_stale_tmp(folder: Path) -> None:
@@ -94,8 +86,8 @@ def run_balance(cfg: RunConfig) -> dict:
     kept = np.flatnonzero(kept_mask).astype(np.int64)
     rng = np.random.default_rng(bc.seed)
     random = np.sort(rng.choice(np.flatnonzero(valid), size=len(kept), replace=False)).astype(np.int64)
-    _save_npy(folder / "kept.npy", kept)
-    _save_npy(folder / "random.npy", random)
+    save_npy(folder / "kept.npy", kept)
+    save_npy(folder / "random.npy", random)
     atomic_write(
         folder / "cluster_sizes.png",
         lambda tmp: cluster_size_histogram_png(cluster_of, valid, kept_mask, tmp),
@@ -142,8 +134,8 @@ def run_cluster(cfg: RunConfig) -> dict:
         embeddings = concat_image_text(embeddings, CacheView(cache, "text"))
     centroids, labels = kmeans_centroids(embeddings, cc.n_clusters, seed=cc.seed, niter=cc.niter, mask=mask)
     labels = np.where(mask, labels, -1).astype(np.int64)
-    _save_npy(folder / "centroids.npy", centroids.astype(np.float32))
-    _save_npy(folder / "labels.npy", labels)
+    save_npy(folder / "centroids.npy", centroids.astype(np.float32))
+    save_npy(folder / "labels.npy", labels)
     sizes = np.bincount(labels[mask], minlength=cc.n_clusters)
     report = {
         "fingerprint": key,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from clipdistill.checkpoint import atomic_write, write_json
+from clipdistill.checkpoint import atomic_write, save_npy, write_json
 from clipdistill.config import ConfigError, RunConfig, config_from_dict, fingerprint, to_dict
 from clipdistill.data.lab import LabSplit, load_lab, to_pixels
 from clipdistill.evaluate.linear_probe import linear_probe
@@ -84,11 +84,6 @@ def teacher_feature_memo(cfg: RunConfig, visual: torch.nn.Module) -> Path:
     return Path(cfg.run_dir) / "eval_features" / digest.hexdigest()[:16]
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, array)
-
-
 def evaluate_model(cfg: RunConfig, name: str) -> dict:
     """Metrics (percent) of model `name` on the lab, in DESIGN section 7's names."""
     if cfg.data.kind != "lab":
@@ -136,7 +131,7 @@ def evaluate_model(cfg: RunConfig, name: str) -> dict:
         feats = image_features(loaded, getattr(lab, split), ec.batch_size, device, limit, desc, shift)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda tmp: _save_npy(tmp, feats.numpy()))
+            save_npy(path, feats.numpy())
         return feats
 
     shift_names = {shift: shift_name for shift_name, shift in DOMAIN_SHIFTS.items()}

@@ -16,8 +16,6 @@ MAX_LOGIT_SCALE = math.log(100)
 class ClipTask(nn.Module):
     """forward(batch) -> {"loss", parts...}; the trainer sees only this interface."""
 
-    needs_teacher_cache = False
-
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model

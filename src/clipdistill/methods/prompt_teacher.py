@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipdistill.checkpoint import atomic_write, load_state_dict
+from clipdistill.checkpoint import atomic_write, load_state_dict, save_npy
 from clipdistill.config import ComkdConfig, ConfigError, RunConfig
 from clipdistill.data.sources import make_pair_source
 from clipdistill.methods.labelled import labelled_train
@@ -134,16 +134,8 @@ class PromptTeacherTask(nn.Module):
         split = json.dumps({"classnames": self.classnames, "base": base, "novel": novel})
         atomic_write(out / SPLIT, lambda tmp: tmp.write_text(split))
         if self.visual_prompts is not None:
-            _save_npy(out / IMAGE_FEATURES, self.image_features().numpy())
-        _save_npy(out / TEXT_BANK, self.text_bank().numpy())
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
-            np.save(f, array, allow_pickle=False)
-
-    atomic_write(path, write)
+            save_npy(out / IMAGE_FEATURES, self.image_features().numpy())
+        save_npy(out / TEXT_BANK, self.text_bank().numpy())
 
 
 def attach_visual_prompts(model: nn.Module, folder: Path) -> bool:
