@@ -26,6 +26,7 @@ def fake_pipeline(monkeypatch):
     def run_demo(cfg):
         trained.append(list(cfg.lab.rows))
         results = {"teacher": {m: summarize([50.0]) for m in METRICS}}
+        results["teacher_zeroshot"] = {"zeroshot_top1": summarize([49.0])}
         for i, row in enumerate(cfg.lab.rows):
             per_seed = []
             for seed in cfg.lab.seeds:
@@ -64,11 +65,23 @@ def test_bench_writes_schema_table_and_plots(fake_pipeline, tmp_path, capsys):
         assert (run_dir / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_only_picks_a_group_and_command_line_wins(fake_pipeline, tmp_path):
+def test_only_picks_a_group_writes_its_own_report_and_command_line_wins(fake_pipeline, tmp_path):
     run_dir = tmp_path / "bench"
     assert main(["bench", "--run_dir", str(run_dir), "--only", "baselines", "--lab.seeds", "[0]"]) == 0
     assert fake_pipeline == [["no_kd", "fd", "crd", "icl", "tinyclip_affinity", "openclip_distill", "cid"]]
-    assert read_json(run_dir / "results.json")["config"]["lab"]["seeds"] == [0]
+    assert not (run_dir / "results.json").exists()  # the full grid's report is never overwritten
+    assert read_json(run_dir / "results_baselines.json")["config"]["lab"]["seeds"] == [0]
+    assert "| openclip_distill |" in (run_dir / "results_baselines.md").read_text()
+    assert (run_dir / "accuracy_baselines.png").is_file()
+
+
+def test_teacher_zeroshot_is_reported_from_the_teacher_eval_not_trained(fake_pipeline, tmp_path):
+    run_dir = tmp_path / "bench"
+    assert main(["bench", "--run_dir", str(run_dir), "--lab.rows", "[no_kd, teacher_zeroshot]"]) == 0
+    assert fake_pipeline == [["no_kd"]]
+    results = read_json(run_dir / "results.json")["results"]
+    assert set(results) == {"teacher", "no_kd", "teacher_zeroshot"}
+    assert results["teacher_zeroshot"]["zeroshot_top1"]["mean"] == 49.0
 
 
 def test_bench_defaults_to_its_own_run_dir():

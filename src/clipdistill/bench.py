@@ -53,6 +53,9 @@ def select_rows(rows: list[str]) -> tuple[list[str], list[str]]:
     """(rows to train, rows to report): aliases train their source row; unknown rows are skipped."""
     report, train = [], []
     for row in rows:
+        if row == "teacher_zeroshot":  # the teacher's own protocol scores: evaluated, not trained
+            report.append(row)
+            continue
         if row not in ROWS and row not in ALIASES:
             print(f"bench: skipping {row!r}: no method registers it yet")
             continue
@@ -64,23 +67,31 @@ def select_rows(rows: list[str]) -> tuple[list[str], list[str]]:
 
 
 def run_bench(cfg: RunConfig, only: str | None = None) -> dict:
-    """Train and evaluate the grid, then write results.json, results.md and the plots in the run dir."""
+    """Train and evaluate the grid, then write results.json, results.md and the plots in the run dir.
+
+    A group (`only`) writes results_<group>.json/.md and <plot>_<group>.png instead, so it never
+    overwrites the full grid's report (its trained runs are shared with the grid).
+    """
     train_rows, report_rows = select_rows(GROUPS[only] if only else cfg.lab.rows)
     cfg.lab.rows = train_rows
+    tag = f"_{only}" if only else ""
+    if only:
+        cfg.lab.results = f"results{tag}.json"
     run_demo(cfg)
     out = Path(cfg.run_dir)
     report = read_json(out / cfg.lab.results)
     trained = report["results"]
     report["results"] = {"teacher": trained["teacher"]} | {
-        row: trained[ALIASES.get(row, row)] for row in report_rows
+        row: trained[ALIASES.get(row, row)] for row in report_rows if ALIASES.get(row, row) in trained
     }
-    report["config"]["lab"]["rows"] = report_rows
+    report["config"]["lab"]["rows"] = list(report["results"])[1:]
     write_json(out / cfg.lab.results, report)
     table = format_table(report["results"])
     seeds = ", ".join(map(str, cfg.lab.seeds))
-    (out / "results.md").write_text(f"# clipdistill bench (mean ± std over seeds {seeds})\n\n{table}\n")
-    plots = write_plots(cfg, report["results"])
-    return {"results": str(out / cfg.lab.results), "table": str(out / "results.md"), "plots": plots}
+    table_path = (out / cfg.lab.results).with_suffix(".md")
+    table_path.write_text(f"# clipdistill bench (mean ± std over seeds {seeds})\n\n{table}\n")
+    plots = write_plots(cfg, report["results"], tag)
+    return {"results": str(out / cfg.lab.results), "table": str(table_path), "plots": plots}
 
 
 def _train_folder(cfg: RunConfig, row: str) -> Path:
@@ -90,8 +101,9 @@ def _train_folder(cfg: RunConfig, row: str) -> Path:
     return Path(cfg.run_dir) / (row if len(cfg.lab.seeds) == 1 else f"{row}_seed{seed}")
 
 
-def write_plots(cfg: RunConfig, results: dict[str, dict]) -> list[str]:
-    """accuracy.png, curves.png and accuracy_vs_time.png in the run dir (matplotlib, no display)."""
+def write_plots(cfg: RunConfig, results: dict[str, dict], tag: str = "") -> list[str]:
+    """accuracy<tag>.png, curves<tag>.png and accuracy_vs_time<tag>.png in the run dir (matplotlib,
+    no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,12 +112,12 @@ def write_plots(cfg: RunConfig, results: dict[str, dict]) -> list[str]:
     out = Path(cfg.run_dir)
     names = [name for name, row in results.items() if "zeroshot_top1" in row]
     students = [name for name in names if name != "teacher"]
-    paths = [out / "accuracy.png", out / "curves.png", out / "accuracy_vs_time.png"]
+    paths = [out / f"{name}{tag}.png" for name in ("accuracy", "curves", "accuracy_vs_time")]
 
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 4))
     means = [results[n]["zeroshot_top1"]["mean"] for n in names]
     stds = [results[n]["zeroshot_top1"]["std"] for n in names]
-    colors = ["tab:gray" if n == "teacher" else "tab:blue" for n in names]
+    colors = ["tab:gray" if n.startswith("teacher") else "tab:blue" for n in names]
     ax.bar(names, means, yerr=stds, capsize=3, color=colors)
     low = min(m - s for m, s in zip(means, stds, strict=True))
     ax.set_ylim(

@@ -60,3 +60,10 @@ def test_cluster_labels_cover_the_subset(tiny_cache, tmp_path):
     kept = np.load(tmp_path / "run" / "balance" / "kept.npy")
     assert np.all(labels[kept] >= 0) and np.all(np.delete(labels, kept) == -1)
     assert report["clustered_samples"] == len(kept)
+
+
+def test_cluster_writes_the_folder_cid_reads(tiny_cache, tmp_path):
+    cfg = stage_config(tiny_cache, tmp_path / "run", "--cluster.n_clusters", "4", "--cid.clusters", "k4")
+    assert run_cluster(cfg)["n_clusters"] == 4
+    assert np.load(tmp_path / "run" / "k4" / "centroids.npy").shape[0] == 4
+    assert not (tmp_path / "run" / "cluster").exists()

@@ -120,10 +120,11 @@ def _subset_mask(cfg: RunConfig, cache: TeacherCache) -> tuple[np.ndarray, str]:
 
 
 def run_cluster(cfg: RunConfig) -> dict:
-    """Spherical k-means over the cache -> `<run_dir>/cluster/` centroids.npy and labels.npy."""
+    """Spherical k-means over the cache -> centroids.npy and labels.npy in `<run_dir>/<cid.clusters>/`,
+    the folder `train.method cid` reads (so several clusterings can sit side by side)."""
     cc = cfg.cluster
     cache = _cache(cfg)
-    folder = Path(cfg.run_dir) / "cluster"
+    folder = Path(cfg.run_dir) / cfg.cid.clusters
     _clear_stale_tmp(folder)
     mask, subset_hash = _subset_mask(cfg, cache)
     key = fingerprint({"cluster": to_dict(cc), "cache": cache.meta.fingerprint, "subset": subset_hash})

@@ -39,7 +39,9 @@ class LabPairs:
     def __init__(self, split: LabSplit, tokenizer: Callable, preprocess: Preprocess):
         self.split = split
         self.preprocess = preprocess
-        self.tokens = tokenizer(split.captions)
+        # The lab's captions repeat (a few hundred distinct strings over 60k images): tokenize each once.
+        distinct, rows = np.unique(np.asarray(split.captions), return_inverse=True)
+        self.tokens = tokenizer(distinct.tolist())[torch.from_numpy(rows.reshape(-1))]
 
     def __len__(self) -> int:
         return len(self.split)

@@ -17,6 +17,34 @@ def _to_numpy(x: ArrayLike, dtype: type) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
+def fit_logistic_regression(
+    x: torch.Tensor, y: torch.Tensor, n_classes: int, c: float, max_iter: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [D, K], bias [K]) of multinomial logistic regression with sklearn's objective,
+    `C * sum(CE) + |W|^2 / 2`, solved full-batch with L-BFGS in torch: a few hundred milliseconds
+    where sklearn's lbfgs takes minutes on 10k x 256 features."""
+    n = len(y)
+    onehot = F.one_hot(y, n_classes).to(x.dtype)
+    weight = torch.zeros(x.shape[1], n_classes, dtype=x.dtype, requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=x.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], max_iter=max_iter, tolerance_grad=1e-6, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    @torch.no_grad()
+    def closure() -> torch.Tensor:
+        """The objective (divided by C * n) and its gradient in closed form: half autograd's time."""
+        log_probs = torch.log_softmax(torch.addmm(bias, x, weight), dim=1)
+        loss = -(log_probs * onehot).sum() / n + (weight**2).sum() / (2 * c * n)
+        error = (log_probs.exp() - onehot) / n
+        weight.grad = x.T @ error + weight / (c * n)
+        bias.grad = error.sum(0)
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
 def _fit_and_score(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -26,32 +54,14 @@ def _fit_and_score(
     max_iter: int,
     seed: int,
 ) -> float:
-    """Accuracy in percent of a model fit on train and scored on eval (standardised on train only).
-
-    Multinomial logistic regression with sklearn's objective, `C * sum(CE) + |W|^2 / 2`, solved
-    full-batch with L-BFGS in torch: a few hundred milliseconds where sklearn's lbfgs takes minutes
-    on 10k x 256 features.
-    """
+    """Accuracy in percent of a model fit on train and scored on eval (standardised on train only)."""
     torch.manual_seed(seed)
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    x = torch.from_numpy((train_x - mean) / std)
-    y = torch.from_numpy(train_y)
     n_classes = int(max(train_y.max(), eval_y.max())) + 1
-    weight = torch.zeros(x.shape[1], n_classes, requires_grad=True)
-    bias = torch.zeros(n_classes, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [weight, bias], max_iter=max_iter, tolerance_grad=1e-6, history_size=20, line_search_fn="strong_wolfe"
+    weight, bias = fit_logistic_regression(
+        torch.from_numpy((train_x - mean) / std), torch.from_numpy(train_y), n_classes, c, max_iter
     )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x @ weight + bias, y) + (weight**2).sum() / (2 * c * len(y))
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        pred = (torch.from_numpy((eval_x - mean) / std) @ weight + bias).argmax(1).numpy()
+    pred = (torch.from_numpy((eval_x - mean) / std) @ weight + bias).argmax(1).numpy()
     return 100.0 * float((pred == eval_y).mean())
 
 

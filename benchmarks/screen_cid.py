@@ -1,0 +1,85 @@
+"""Screen one CLIP-CID setting on the lab over seeds, scored on the validation split.
+
+    python benchmarks/screen_cid.py NAME [section.key=value ...] [--run-dir runs/bench] [--seeds 0,1,2]
+
+Needs a bench run dir (teacher, cache, balance: `make bench` or `bench --only cid` first). Trains the
+`cid_balanced` row with the given overrides as `screen_<NAME>_seed<S>`, evaluates it as the bench does
+(test split) and adds zero-shot accuracy on the validation split, the number settings are chosen by:
+the test split only reports. A `cluster.*` override reclusters first, into the folder named by
+`cid.clusters` (give each clustering its own). Prints one line per seed and a mean ± std summary.
+
+Example (the K sweep of benchmarks/README.md, run two at a time with one thread each; CPU results are
+reproducible for a fixed thread count):
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/screen_cid.py k3000 \\
+        cluster.n_clusters=3000 cid.clusters=cluster_k3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from clipdistill.config import load_config  # noqa: E402
+from clipdistill.curate.stages import run_cluster  # noqa: E402
+from clipdistill.data.lab import load_lab  # noqa: E402
+from clipdistill.demo import ROWS, _evaluated, _with_overrides, _with_train  # noqa: E402
+from clipdistill.evaluate.run import image_features, load_trained, text_features  # noqa: E402
+from clipdistill.evaluate.zeroshot import zeroshot_accuracy, zeroshot_classifier  # noqa: E402
+from clipdistill.train import train  # noqa: E402
+
+
+def parse_value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("name")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser.add_argument("--run-dir", default="runs/bench")
+    parser.add_argument("--seeds", default="0,1,2")
+    args = parser.parse_args()
+    overrides = dict(ROWS["cid_balanced"])
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        overrides[key] = parse_value(value)
+
+    base = load_config("configs/lab.yaml", ["--run_dir", args.run_dir])
+    if any(key.startswith("cluster.") for key in overrides):
+        print("cluster", run_cluster(_with_overrides(base, overrides)), flush=True)
+    lab = load_lab(base.data)
+    cpu = torch.device("cpu")
+    scores = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        name = f"screen_{args.name}_seed{seed}"
+        cfg = _with_overrides(_with_train(base, name=name, seed=seed, role="student"), overrides)
+        train(cfg)
+        metrics = dict(_evaluated(cfg, name))
+        model = load_trained(cfg, name)
+        encode_text = functools.partial(text_features, model, device=cpu)
+        classifier = zeroshot_classifier(encode_text, lab.classnames, lab.templates)
+        val = image_features(model, lab.val, cfg.eval.batch_size, cpu)
+        metrics["val_zeroshot_top1"] = zeroshot_accuracy(val, lab.val.labels, classifier)["acc1"]
+        scores.append(metrics)
+        keys = ("val_zeroshot_top1", "zeroshot_top1", "linear_probe_top1")
+        print(name, {key: round(metrics[key], 2) for key in keys}, flush=True)
+    for key in ("val_zeroshot_top1", "zeroshot_top1", "linear_probe_top1"):
+        values = [m[key] for m in scores]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        print(f"{args.name} {key}: {statistics.fmean(values):.2f} ± {spread:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
