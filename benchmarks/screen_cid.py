@@ -1,24 +1,24 @@
 """Screen one CLIP-CID setting on the lab over seeds, scored on the validation split.
 
-    python benchmarks/screen_cid.py NAME [section.key=value ...] [--run-dir runs/bench] [--seeds 0,1,2]
+    python benchmarks/screen_cid.py NAME [--section.key value ...] [--run-dir runs/bench] [--seeds 0,1,2]
 
 Needs a bench run dir (teacher, cache, balance: `make bench` or `bench --only cid` first). Trains the
-`cid_balanced` row with the given overrides as `screen_<NAME>_seed<S>`, evaluates it as the bench does
-(test split) and adds zero-shot accuracy on the validation split, the number settings are chosen by:
-the test split only reports. A `cluster.*` override reclusters first, into the folder named by
-`cid.clusters` (give each clustering its own). Prints one line per seed and a mean ± std summary.
+`cid_balanced` row with the given config overrides (typed and checked as on the `clipdistill` command
+line) as `screen_<NAME>_seed<S>`, evaluates it as the bench does (test split) and adds zero-shot
+accuracy on the validation split, the number settings are chosen by: the test split only reports.
+`cluster` runs first and is reused when its settings are unchanged; give a new clustering its own
+folder with `--cid.clusters`. Prints one line per seed and a mean ± std summary.
 
 Example (the K sweep of benchmarks/README.md, run two at a time with one thread each; CPU results are
 reproducible for a fixed thread count):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/screen_cid.py k3000 \\
-        cluster.n_clusters=3000 cid.clusters=cluster_k3000
+        --cluster.n_clusters 3000 --cid.clusters cluster_k3000
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
 
@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from clipdistill.config import load_config  # noqa: E402
+from clipdistill.config import ConfigError, load_config  # noqa: E402
 from clipdistill.curate.stages import run_cluster  # noqa: E402
 from clipdistill.data.lab import load_lab  # noqa: E402
 from clipdistill.demo import ROWS, _evaluated, _with_overrides, _with_train  # noqa: E402
@@ -35,36 +35,26 @@ from clipdistill.evaluate.zeroshot import zeroshot_accuracy, zeroshot_classifier
 from clipdistill.train import train  # noqa: E402
 
 
-def parse_value(text: str):
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("name")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
     parser.add_argument("--run-dir", default="runs/bench")
     parser.add_argument("--seeds", default="0,1,2")
-    args = parser.parse_args()
-    overrides = dict(ROWS["cid_balanced"])
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        overrides[key] = parse_value(value)
+    args, overrides = parser.parse_known_args()  # the rest: `--section.key value` config overrides
 
-    base = load_config("configs/lab.yaml", ["--run_dir", args.run_dir])
-    if any(key.startswith("cluster.") for key in overrides):
-        print("cluster", run_cluster(_with_overrides(base, overrides)), flush=True)
+    try:
+        base = load_config("configs/lab.yaml", ["--run_dir", args.run_dir, *overrides])
+    except ConfigError as e:
+        parser.error(str(e))
+    print("cluster", run_cluster(base), flush=True)
     lab = load_lab(base.data)
     cpu = torch.device("cpu")
     scores = []
     for seed in (int(s) for s in args.seeds.split(",")):
         name = f"screen_{args.name}_seed{seed}"
-        cfg = _with_overrides(_with_train(base, name=name, seed=seed, role="student"), overrides)
+        cfg = _with_overrides(_with_train(base, name=name, seed=seed, role="student"), ROWS["cid_balanced"])
         train(cfg)
         metrics = dict(_evaluated(cfg, name))
         model = load_trained(cfg, name)

@@ -81,10 +81,12 @@ def run_bench(cfg: RunConfig, only: str | None = None) -> dict:
     out = Path(cfg.run_dir)
     report = read_json(out / cfg.lab.results)
     trained = report["results"]
+    # teacher_zeroshot exists only when a ComKD row made the teacher run its protocols
+    reported = [row for row in report_rows if row != "teacher_zeroshot" or row in trained]
     report["results"] = {"teacher": trained["teacher"]} | {
-        row: trained[ALIASES.get(row, row)] for row in report_rows if ALIASES.get(row, row) in trained
+        row: trained[ALIASES.get(row, row)] for row in reported
     }
-    report["config"]["lab"]["rows"] = list(report["results"])[1:]
+    report["config"]["lab"]["rows"] = reported
     write_json(out / cfg.lab.results, report)
     table = format_table(report["results"])
     seeds = ", ".join(map(str, cfg.lab.seeds))
