@@ -26,12 +26,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from clipdistill.config import ConfigError, load_config  # noqa: E402
+from clipdistill.config import ConfigError, load_config, replace  # noqa: E402
 from clipdistill.curate.stages import run_cluster  # noqa: E402
 from clipdistill.data.lab import load_lab  # noqa: E402
-from clipdistill.demo import ROWS, _evaluated, _with_overrides, _with_train  # noqa: E402
 from clipdistill.evaluate.run import image_features, load_trained, text_features  # noqa: E402
 from clipdistill.evaluate.zeroshot import zeroshot_accuracy, zeroshot_classifier  # noqa: E402
+from clipdistill.lab import LAB_CONFIG, evaluated, row_config  # noqa: E402
 from clipdistill.train import train  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def main() -> None:
     args, overrides = parser.parse_known_args()  # the rest: `--section.key value` config overrides
 
     try:
-        base = load_config("configs/lab.yaml", ["--run_dir", args.run_dir, *overrides])
+        base = load_config(str(LAB_CONFIG), ["--run_dir", args.run_dir, *overrides])
     except ConfigError as e:
         parser.error(str(e))
     print("cluster", run_cluster(base), flush=True)
@@ -54,9 +54,9 @@ def main() -> None:
     scores = []
     for seed in (int(s) for s in args.seeds.split(",")):
         name = f"screen_{args.name}_seed{seed}"
-        cfg = _with_overrides(_with_train(base, name=name, seed=seed, role="student"), ROWS["cid_balanced"])
+        cfg = replace(row_config(base, "cid_balanced", seed), {"train.name": name})
         train(cfg)
-        metrics = dict(_evaluated(cfg, name))
+        metrics = dict(evaluated(cfg, name))
         model = load_trained(cfg, name)
         encode_text = functools.partial(text_features, model, device=cpu)
         classifier = zeroshot_classifier(encode_text, lab.classnames, lab.templates)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-import clipdistill.bench as bench
+import clipdistill.lab.bench as bench
 from clipdistill.checkpoint import read_json, write_json
 from clipdistill.cli import main
 from clipdistill.config import to_dict
-from clipdistill.demo import METRICS, summarize
+from clipdistill.lab import METRICS, summarize
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_bench_defaults_to_its_own_run_dir():
 
 
 def test_every_group_row_is_registered_and_chained_rows_follow_their_start():
-    from clipdistill.demo import ROWS
+    from clipdistill.lab import ROWS
 
     for group, rows in bench.GROUPS.items():
         assert all(row in ROWS or row in bench.ALIASES or row == "teacher_zeroshot" for row in rows), group

@@ -15,7 +15,7 @@ from clipdistill.config import ModelConfig, load_config
 from clipdistill.data.sources import make_pair_source
 from clipdistill.embed import run_embed
 from clipdistill.models.factory import create_model, create_teacher
-from clipdistill.train import cache_dir, data_id
+from clipdistill.runs import cache_dir, data_id
 from conftest import needs_lab, run_cli, tiny_overrides
 
 pytestmark = needs_lab

@@ -50,9 +50,9 @@ def test_nested_override_keeps_the_parent_defaults(tmp_path):
     assert cfg.teacher.lock_text is True
 
     path = tmp_path / "run.yaml"
-    path.write_text("teacher:\n  precision: bf16\n")
+    path.write_text("teacher:\n  lock_text: false\n")
     cfg = load_config(str(path))
-    assert cfg.teacher.name == "lab-teacher" and cfg.teacher.precision == "bf16"
+    assert cfg.teacher.name == "lab-teacher" and cfg.teacher.lock_text is False
 
 
 @pytest.mark.parametrize(

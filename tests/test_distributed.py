@@ -14,7 +14,8 @@ from clipdistill.config import ModelConfig, load_config
 from clipdistill.distributed import all_reduce_mean, init_distributed, rank, world_size
 from clipdistill.methods.clip import ClipTask
 from clipdistill.models.factory import create_model
-from clipdistill.train import output_dir, train
+from clipdistill.runs import output_dir
+from clipdistill.train import train
 from conftest import needs_lab, tiny_overrides
 
 pytestmark = needs_lab

@@ -13,15 +13,16 @@ from clipdistill import train as train_module
 from clipdistill.checkpoint import read_json, safe_torch_load
 from clipdistill.config import ConfigError
 from clipdistill.methods.clip import ClipTask
-from clipdistill.train import TrainingDiverged, output_dir, train
+from clipdistill.runs import output_dir
+from clipdistill.train import TrainingDiverged, train
 from conftest import needs_lab, run_cli, tiny_overrides
 
 pytestmark = needs_lab
 
 # `clipdistill train` with every step slowed down, so that a kill lands mid-way
 SLOW_TRAIN = (
-    "import sys, time, clipdistill.train as t; f = t._to_device; "
-    "t._to_device = lambda *a: (time.sleep(0.1), f(*a))[1]; "
+    "import sys, time, clipdistill.train as t; f = t.prepare_batch; "
+    "t.prepare_batch = lambda *a: (time.sleep(0.1), f(*a))[1]; "
     "from clipdistill.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 
@@ -177,11 +178,11 @@ def test_done_json_makes_a_rerun_return_at_once(tiny_config, monkeypatch):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        (("--train.resume", "yes"), "train.resume must be auto or never"),
-        (("--train.role", "critic"), "train.role must be teacher or student"),
-        (("--train.method", "magic"), "unknown train.method 'magic'"),
+        (("--train.resume", "yes"), "train.resume: 'yes' is not one of 'auto', 'never'"),
+        (("--train.role", "critic"), "train.role: 'critic' is not one of 'student', 'teacher'"),
+        (("--train.method", "magic"), "train.method: 'magic' is not one of 'clip', 'cid'"),
     ],
 )
-def test_bad_train_settings(tiny_config, override, message):
+def test_bad_train_settings_are_refused_when_the_config_loads(tiny_config, override, message):
     with pytest.raises(ConfigError, match=message):
-        train(tiny_config(*override))
+        tiny_config(*override)

@@ -13,7 +13,7 @@ from clipdistill.config import RunConfig
 from clipdistill.data.sources import make_pair_source
 from clipdistill.embed import run_embed
 from clipdistill.models.factory import create_teacher
-from clipdistill.train import cache_dir
+from clipdistill.runs import cache_dir
 
 
 def embed_stage(cfg: RunConfig) -> float:

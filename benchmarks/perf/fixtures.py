@@ -7,18 +7,16 @@ and the suite then needs no earlier `make demo`.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from clipdistill.config import RunConfig, load_config
+from clipdistill.config import RunConfig, load_config, replace
 from clipdistill.curate.stages import run_cluster
 from clipdistill.embed import run_embed
+from clipdistill.lab import LAB_CONFIG
 from clipdistill.train import train
-
-LAB_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "lab.yaml"
 
 
 @dataclass
@@ -56,20 +54,13 @@ def lab_config(run_dir: Path, setting: Setting, *extra: str) -> RunConfig:
     return load_config(str(LAB_CONFIG), lab_overrides(run_dir, setting, *extra))
 
 
-def with_method(cfg: RunConfig, method: str, **train: object) -> RunConfig:
-    """A copy of `cfg` training `method` (and other `train.*` settings)."""
-    cfg = copy.deepcopy(cfg)
-    cfg.train.method = method
-    for key, value in train.items():
-        setattr(cfg.train, key, value)
-    return cfg
-
-
 def build_run(run_dir: Path, setting: Setting) -> RunConfig:
     """embed -> cluster -> 1 step of prompt tuning in `run_dir`; each stage reuses its finished outputs."""
     cfg = lab_config(run_dir, setting)
     torch.manual_seed(0)  # the untrained teacher's weights are part of the cache's fingerprint
     run_embed(cfg)
     run_cluster(cfg)
-    train(with_method(cfg, "prompt_teacher", role="teacher", steps=1, batch_size=min(32, setting.batch_size)))
+    stage1 = {"train.method": "prompt_teacher", "train.role": "teacher", "train.steps": 1,
+              "train.batch_size": min(32, setting.batch_size)}  # fmt: skip
+    train(replace(cfg, stage1))
     return cfg

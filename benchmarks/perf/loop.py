@@ -7,14 +7,14 @@ import shutil
 import time
 
 import torch
-from benchmarks.perf.fixtures import with_method
 from benchmarks.perf.steps import lab_batches
 from benchmarks.perf.timing import interleave
 
-from clipdistill.config import RunConfig
+from clipdistill.config import RunConfig, replace
 from clipdistill.methods.clip import ClipTask
 from clipdistill.models.factory import create_student
-from clipdistill.train import output_dir, param_groups, train
+from clipdistill.runs import output_dir
+from clipdistill.train import param_groups, train
 
 
 def bare_loop(cfg: RunConfig, batches: list[dict], steps: int) -> float:
@@ -42,7 +42,8 @@ def trainer_loop(cfg: RunConfig) -> float:
 def loop_times(cfg: RunConfig, steps: int, repeats: int) -> dict[str, float]:
     """Median seconds of `steps` steps: `trainer` (lab settings: log every 20, checkpoint every 200
     steps and at the end) and `bare`."""
-    run = with_method(cfg, "clip", steps=steps, name="perf_loop", resume="never")
+    run = replace(cfg, {"train.method": "clip", "train.steps": steps, "train.name": "perf_loop",
+                        "train.resume": "never"})  # fmt: skip
     student = create_student(cfg.student)
     batches = lab_batches(cfg, student.tokenizer, student.preprocess, min(steps, 8))
     sides = {"trainer": lambda: trainer_loop(run), "bare": lambda: bare_loop(run, batches, steps)}

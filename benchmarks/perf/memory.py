@@ -14,11 +14,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from benchmarks.perf.fixtures import LAB_CONFIG, Setting, lab_overrides
+from benchmarks.perf.fixtures import Setting, lab_overrides
 from benchmarks.perf.timing import run_with_peak_memory
 
 from clipdistill.cache import CacheMeta
-from clipdistill.train import data_id
+from clipdistill.lab import LAB_CONFIG
+from clipdistill.runs import data_id
 
 WIDTH = 768
 

@@ -53,11 +53,11 @@ def _run_stage(stage: str, cfg: RunConfig, only: str | None = None) -> dict:
 
         return run_eval(cfg)
     if stage == "demo":
-        from clipdistill.demo import run_demo
+        from clipdistill.lab import run_demo
 
         return run_demo(cfg)
     if stage == "bench":
-        from clipdistill.bench import run_bench
+        from clipdistill.lab import run_bench
 
         return run_bench(cfg, only)
     if stage == "export":
@@ -90,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         epilog="stages:\n" + "\n".join(f"  {k:8s} {v}" for k, v in STAGES.items()),
     )
     parser.add_argument("stage", choices=sorted(set(STAGES) - {"predict", "embed-images"}))
-    parser.add_argument("--config", help="YAML run config (defaults: the Fashion-MNIST lab)")
+    parser.add_argument(
+        "--config", help="YAML run config (defaults: the Fashion-MNIST lab; demo and bench read its file)"
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     groups = ("cid", "comkd", "baselines", "comkd_protocols")
     parser.add_argument("--only", choices=groups, help="bench: one group of rows")
@@ -113,27 +116,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite:
         overrides = [*overrides, "--eval.suite", args.suite]
     try:
-        if args.stage == "bench":  # its own run dir, seeds and rows unless given on the command line
-            from clipdistill.bench import bench_overrides
+        if args.stage in ("demo", "bench"):
+            from clipdistill.lab import LAB_CONFIG, bench_overrides
 
-            overrides = bench_overrides(overrides)
+            args.config = args.config or str(LAB_CONFIG)
+            if args.stage == "bench":  # its own run dir, seeds and rows unless given on the command line
+                overrides = bench_overrides(overrides)
         cfg = load_config(args.config, overrides)
         if args.print_config:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         result = _run_stage(args.stage, cfg, args.only)
-    except ConfigError as e:
-        print(f"clipdistill {args.stage}: config error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, RuntimeError, ValueError) as e:
-        print(f"clipdistill {args.stage}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # disk full, read-only or unwritable output folder: one line, not a traceback
-        print(f"clipdistill {args.stage}: {e}; {_os_error_hint(e)}", file=sys.stderr)
-        return 1
+    except (ConfigError, OSError, RuntimeError, ValueError) as e:  # FileNotFoundError is an OSError
+        if args.debug:
+            raise
+        print(f"clipdistill {args.stage}: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
     print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _one_line(e: Exception) -> str:
+    """The error as one line a user can act on (--debug shows the traceback instead)."""
+    if isinstance(e, ConfigError):
+        return f"config error: {e}"
+    if isinstance(e, FileNotFoundError | RuntimeError | ValueError):
+        return f"{type(e).__name__}: {e}"
+    return f"{e}; {_os_error_hint(e)}"  # disk full, read-only or unwritable output folder
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ error each, and the resolved config is written next to every stage's outputs.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -13,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -22,9 +23,24 @@ class ConfigError(ValueError):
     """A config that cannot run: raised before any work is done."""
 
 
+# The choices of a field, checked when the config loads (before any model loads).
+DataKind = Literal["lab", "csv", "webdataset", "paper"]
+Domain = Literal["", "inverted", "rotated", "blurred", "low_contrast", "noise"]  # data/shifts.py
+Role = Literal["student", "teacher"]
+Method = Literal[  # methods/__init__.py registers one Task per name
+    "clip", "cid", "prompt_teacher", "comkd", "promptkd",
+    "fd", "crd", "icl", "tinyclip_affinity", "openclip_distill",
+]  # fmt: skip
+Optimizer = Literal["adamw", "sgd"]
+Resume = Literal["auto", "never"]
+Protocol = Literal["standard", "base_to_novel", "domain", "all"]
+Suite = Literal["", "base_to_novel", "cross_dataset", "domain_generalization", "linear_probe"]
+ExportFormat = Literal["open_clip", "onnx", "all"]
+
+
 @dataclass
 class DataConfig:
-    kind: str = "lab"  # lab | csv (csv, tsv, parquet) | webdataset | paper (a dataset of the papers' suites)
+    kind: DataKind = "lab"  # csv: csv, tsv or parquet; paper: a dataset of the papers' suites
     path: str = ""  # lab: folder of the Fashion-MNIST idx files ("" = Debian's); paper: the suites' root;
     # else table file or shards
     image_key: str = "filepath"
@@ -35,7 +51,7 @@ class DataConfig:
     val_size: int = 5000  # lab: images held out of the train split for model selection
     train_size: int = 0  # lab: 0 = every remaining train image
     classnames: str = ""  # JSON file of class names + templates for zero-shot eval ("" = lab's)
-    domain: str = ""  # lab: a target domain, every image shifted (inverted, rotated, blurred, ...)
+    domain: Domain = ""  # lab: a target domain, every image shifted (inverted, rotated, blurred, ...)
     dataset: str = ""  # paper: the dataset's name (clipdistill.data.paper.DATASETS), its train split is read
     shots: int = 16  # paper: labelled images per base class for ComKD stage 1 (CoOp's draw; 0 = all)
 
@@ -45,18 +61,17 @@ class ModelConfig:
     name: str = ""  # open_clip model name, shipped config name (e.g. lab-teacher) or a JSON config path
     pretrained: str = ""  # open_clip pretrained tag or a local checkpoint (.safetensors / .pt)
     lock_text: bool = False  # LiT: freeze the text transformer (its projection still trains)
-    precision: str = "fp32"
 
 
 @dataclass
 class TrainConfig:
-    role: str = "student"  # which model trains: teacher | student
-    method: str = "clip"
+    role: Role = "student"  # which model trains
+    method: Method = "clip"
     name: str = ""  # output folder under the run dir; "" = the method name
     steps: int = 800
     batch_size: int = 128
     lr: float = 2e-3
-    optimizer: str = "adamw"  # adamw (betas 0.9, 0.98) | sgd (momentum 0.9, as CoOp and PromptKD)
+    optimizer: Optimizer = "adamw"  # adamw (betas 0.9, 0.98) | sgd (momentum 0.9, as CoOp and PromptKD)
     weight_decay: float = 0.1
     warmup_steps: int = 50
     accum_steps: int = 1
@@ -67,7 +82,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 20
     ckpt_every: int = 200
-    resume: str = "auto"  # auto | never
+    resume: Resume = "auto"
     tensorboard: bool = False
     subset: str = ""  # kept-ids file (from `balance`) restricting the training samples
 
@@ -85,9 +100,9 @@ class EvalConfig:
     batch_size: int = 512
     linear_probe_train: int = 10000  # train images used to fit the probe
     retrieval_size: int = 1000  # test images (and their captions) in the retrieval gallery
-    protocol: str = "standard"  # standard | base_to_novel | domain | all
+    protocol: Protocol = "standard"
     device: str = "auto"
-    suite: str = ""  # a paper suite (base_to_novel, cross_dataset, ...): one table over its datasets
+    suite: Suite = ""  # a paper suite (base_to_novel, cross_dataset, ...): one table over its datasets
     suite_root: str = ""  # the folder holding the suite's dataset folders (CoOp's DATASET.ROOT)
 
 
@@ -175,7 +190,7 @@ class ExportConfig:
     """`export`: a trained model as an open_clip folder and ONNX encoders, in <run_dir>/<model>/export/."""
 
     model: str = ""  # a train folder name under the run dir ("" = train.name or train.method)
-    format: str = "all"  # open_clip | onnx | all
+    format: ExportFormat = "all"
     opset: int = 17
 
 
@@ -228,6 +243,11 @@ def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
         return tuple(items) if origin is tuple else items
     if typ is Any:
         return value
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        if value in choices:
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(c) for c in choices)}")
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -293,7 +313,7 @@ def _typed_overrides(values: dict, cls: type, prefix: str = "") -> dict:
         if isinstance(value, dict):
             nested = dataclasses.is_dataclass(typ)
             out[key] = _typed_overrides(value, typ, f"{prefix}{key}.") if nested else value
-        elif typ is str:
+        elif typ is str or typing.get_origin(typ) is Literal:  # choices are names: verbatim
             out[key] = value
         elif typ in (int, float):
             try:
@@ -334,6 +354,20 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> RunConf
     if overrides:
         values = _merge(values, _typed_overrides(parse_overrides(overrides), RunConfig))
     return expand_run_dir(config_from_dict(values))
+
+
+def replace(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """A copy of `cfg` with dotted `section.key` values set (`{"train.steps": 3}`), each checked as
+    when a config loads: an unknown key, a wrong type or a value outside the choices is a ConfigError."""
+    out = copy.deepcopy(cfg)
+    for key, value in values.items():
+        section, _, name = key.rpartition(".")
+        parent = getattr(out, section, None) if section else out
+        types_ = _field_types(type(parent)) if dataclasses.is_dataclass(parent) else {}
+        if name not in types_:
+            raise ConfigError(f"{key}: no such config key")
+        setattr(parent, name, _coerce(value, types_[name], key, getattr(parent, name)))
+    return out
 
 
 def expand_run_dir(cfg: RunConfig) -> RunConfig:

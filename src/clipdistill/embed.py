@@ -8,8 +8,9 @@ from clipdistill.cache import CacheMeta, TeacherCache, build_cache, teacher_fing
 from clipdistill.checkpoint import write_json
 from clipdistill.config import RunConfig
 from clipdistill.data.sources import make_pair_source
+from clipdistill.distributed import resolve_device
 from clipdistill.models.factory import create_teacher
-from clipdistill.train import cache_dir, data_id, resolve_device
+from clipdistill.runs import cache_dir, data_id
 
 
 def run_embed(cfg: RunConfig) -> dict:

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipdistill.checkpoint import atomic_write, save_npy, save_state_dict, write_json
-from clipdistill.config import ConfigError, RunConfig
+from clipdistill.config import RunConfig
 from clipdistill.methods.comkd import ComkdHead, load_head
 from clipdistill.models.factory import LoadedModel, _resolve_hf_names
+from clipdistill.runs import model_dir, model_name, sweep_temps
 
-FORMATS = ("open_clip", "onnx", "all")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
@@ -75,8 +75,7 @@ def _start(folder: Path, done_mark: str) -> None:
     """Open an export folder: its done mark (the file written last) and a killed run's leftovers go."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / done_mark).unlink(missing_ok=True)
-    for stale in folder.glob(".*.tmp"):  # half-written files of a killed run (see atomic_path)
-        stale.unlink()
+    sweep_temps(folder)
 
 
 def export_open_clip(loaded: LoadedModel, folder: Path) -> Path:
@@ -171,15 +170,13 @@ def run_export(cfg: RunConfig) -> dict:
     from clipdistill.evaluate.run import load_trained
 
     fmt = cfg.export.format
-    if fmt not in FORMATS:
-        raise ConfigError(f"export.format must be one of {FORMATS}, not {fmt!r}")
-    name = cfg.export.model or cfg.train.name or cfg.train.method
+    name = model_name(cfg, cfg.export.model)
     loaded = load_trained(cfg, name)
-    out = Path(cfg.run_dir) / name / "export"
+    out = model_dir(cfg, name) / "export"
     result: dict = {"model": name}
     if fmt in ("open_clip", "all"):
         result["open_clip"] = str(export_open_clip(loaded, out / "open_clip"))
     if fmt in ("onnx", "all"):
-        head = load_head(Path(cfg.run_dir) / name) if name != "teacher" else None
+        head = load_head(model_dir(cfg, name)) if name != "teacher" else None
         result["onnx"] = str(export_onnx(loaded, out / "onnx", head, cfg.export.opset))
     return result

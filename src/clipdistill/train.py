@@ -1,8 +1,9 @@
 """The one training loop for every method: 1 or N processes, CPU or CUDA, resumable after kill -9.
 
 Outputs in `<run_dir>/<name>/`: `config.yaml` (resolved), `metrics.jsonl`, `checkpoint.pt` (model,
-optimizer, scheduler, RNG and step, loadable with weights_only=True), and when finished
-`model.safetensors` (open_clip state dict), `heads.safetensors` (task heads, if any) and `done.json`.
+optimizer, scheduler, RNG and step, loadable with weights_only=True), and when finished what the
+task exports (`model.safetensors`, `heads.safetensors` when it has heads, ...) and `done.json`.
+The trainer knows recipes only through the `Task` contract (methods/task.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,17 +32,16 @@ from clipdistill.checkpoint import (
     atomic_write,
     read_json,
     safe_torch_load,
-    save_state_dict,
     save_training_state,
     write_json,
 )
 from clipdistill.config import ConfigError, RunConfig, TrainConfig, fingerprint, to_dict
 from clipdistill.data.sources import ShardPairs, StepSampler, make_pair_source
-from clipdistill.distributed import DistInfo, all_reduce_mean, init_distributed
-from clipdistill.methods import build_task, method_sections, needs_teacher_cache, reads_teacher_cache
-from clipdistill.methods.comkd import COMKD_METHODS, inductive_pool
-from clipdistill.methods.labelled import labelled_pool
+from clipdistill.distributed import DistInfo, all_reduce_mean, init_distributed, resolve_device
+from clipdistill.methods import method_sections, task_class
+from clipdistill.methods.task import CacheUse, Task
 from clipdistill.models.factory import create_student, create_teacher
+from clipdistill.runs import cache_dir, data_id, output_dir, run_path, sweep_temps
 
 # Settings that may change between a run and its resume without changing the result.
 RESUME_FREE_KEYS = ("log_every", "ckpt_every", "resume", "tensorboard", "device")
@@ -49,55 +52,21 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"device {name!r} requested but CUDA is not available here (use --train.device cpu)"
-        )
-    return torch.device(name)
-
-
-def output_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.run_dir) / (cfg.train.name or cfg.train.method)
-
-
-def cache_dir(cfg: RunConfig) -> Path:
-    """The run's teacher cache; a lab target domain (cross-dataset distillation) has its own."""
-    return Path(cfg.run_dir) / (f"cache_{cfg.data.domain}" if cfg.data.domain else "cache")
-
-
-def data_id(cfg: RunConfig) -> str:
-    """Identity of the training samples: what the teacher cache is keyed on."""
-    d = cfg.data
-    if d.kind == "paper":  # the dataset's whole train split: stage 1's few-shot images are rows of it
-        return f"paper:{d.dataset}:{d.path}"
-    return f"{d.kind}:{d.path or 'default'}:val{d.val_size}:train{d.train_size}"
-
-
-def param_groups(task: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(task: Task, weight_decay: float) -> list[dict]:
     """open_clip's rule: no weight decay on gains, biases, embeddings' scale and temperature."""
     decay, no_decay = [], []
-    for name, p in task.named_parameters():
-        if not p.requires_grad:
-            continue
+    for name, p in task.trainable_parameters():
         exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
         (no_decay if exclude else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-OPTIMIZERS = ("adamw", "sgd")
-
-
-def make_optimizer(task: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(task: Task, tc: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (open_clip's betas) or SGD with momentum 0.9 (CoOp's and PromptKD's prompt-tuning recipe)."""
     groups = param_groups(task, tc.weight_decay)
-    if tc.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.98), eps=1e-6)
     if tc.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=tc.lr, momentum=0.9)
-    raise ConfigError(f"train.optimizer must be one of {OPTIMIZERS}, not {tc.optimizer!r}")
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
 def cosine_with_warmup(warmup: int, total: int):
@@ -128,6 +97,8 @@ def _fingerprinted(values: dict) -> dict:
     if values["data"]["kind"] != "paper":  # keys only paper data reads, newer than the others' runs
         for key in PAPER_DATA_KEYS:
             values["data"].pop(key, None)
+    for model in ("teacher", "student"):  # a key that was never read, since removed: older runs still match
+        values[model].setdefault("precision", "fp32")
     return values
 
 
@@ -162,40 +133,86 @@ def _trim_metrics(path: Path, last_step: int) -> None:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():  # the current device's generator (dropout, random init on the GPU)
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def load_model_for(cfg: RunConfig):
     if cfg.train.role == "teacher":
         return create_teacher(cfg.teacher, trainable=True)
-    if cfg.train.role == "student":
-        return create_student(cfg.student)
-    raise ConfigError(f"train.role must be teacher or student, not {cfg.train.role!r}")
+    return create_student(cfg.student)
 
 
-def training_pool(cfg: RunConfig, size: int, cache: TeacherCache | None) -> np.ndarray:
-    """Sample indices to train on: all, minus bad samples the cache found, within an optional subset."""
-    pool = np.arange(size)
-    if cache is not None:
-        pool = pool[cache.valid[:size]]
-    if cfg.train.subset:
-        path = Path(cfg.train.subset)
-        if not path.is_absolute():
-            path = Path(cfg.run_dir) / path
-        if not path.is_file():
-            raise ConfigError(f"train.subset {path} does not exist (run `clipdistill balance` first)")
-        keep = np.load(path, allow_pickle=False)
-        pool = np.intersect1d(pool, keep)
-    if cfg.train.method in COMKD_METHODS and cfg.comkd.inductive:
-        pool = inductive_pool(cfg, pool)
-    if cfg.train.method == "prompt_teacher":
-        pool = labelled_pool(cfg, pool)
-    return pool
+@dataclass
+class Run:
+    """Where this process trains: its device and rank, the output folder and the state to resume."""
+
+    cfg: RunConfig
+    device: torch.device
+    dist: DistInfo
+    out: Path
+    fingerprint: str
+    finished: dict | None = None  # done.json of a finished run of this config
+    state: dict | None = None  # checkpoint.pt to resume from
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+
+def open_run(cfg: RunConfig) -> Run:
+    """The run's device, ranks and folder; a finished run, a batch that cannot be split or a checkpoint
+    of another config are found here, before any work."""
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    dist_info = init_distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+        torch.cuda.set_device(device)
+    run = Run(cfg, device, dist_info, output_dir(cfg), training_fingerprint(cfg))
+    done_path = run.out / "done.json"
+    if done_path.is_file():
+        run.finished = read_json(done_path)
+        if run.finished["fingerprint"] == run.fingerprint:
+            return run
+        raise ConfigError(
+            f"{run.out} already holds a finished run with another config; choose another --train.name "
+            "or delete the folder"
+        )
+    if tc.batch_size % (tc.accum_steps * dist_info.world_size):
+        raise ConfigError(
+            f"train.batch_size {tc.batch_size} must divide by accum_steps x world size "
+            f"({tc.accum_steps} x {dist_info.world_size})"
+        )
+    if run.checkpoint.is_file() and tc.resume == "auto":
+        run.state = safe_torch_load(run.checkpoint)  # checked before any work is done
+        if run.state["fingerprint"] != run.fingerprint:
+            old = run.state.get("config")
+            changed = _changes(_fingerprinted(old), _fingerprinted(to_dict(cfg))) if old else []
+            what = "; ".join(changed[:8]) or f"see {run.out / 'config.yaml'}"
+            raise ConfigError(
+                f"{run.checkpoint} was written with another config ({what}); "
+                "resuming would mix two runs. Use the same config, another --train.name, "
+                "or --train.resume never"
+            )
+    return run
+
+
+def seed_everything(tc: TrainConfig) -> None:
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    if tc.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses determinism without it
+        torch.use_deterministic_algorithms(True)
 
 
 def _cache_if_built(cfg: RunConfig) -> TeacherCache | None:
@@ -209,184 +226,230 @@ def _cache_if_built(cfg: RunConfig) -> TeacherCache | None:
     return cache
 
 
-def train(cfg: RunConfig) -> dict:
-    """Train `cfg.train.role` with `cfg.train.method`; resumes from `checkpoint.pt` when present."""
-    tc = cfg.train
-    device = resolve_device(tc.device)
-    dist_info: DistInfo = init_distributed(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
-        torch.cuda.set_device(device)
-    out = output_dir(cfg)
-    done_path = out / "done.json"
-    if done_path.is_file():
-        done = read_json(done_path)
-        if done["fingerprint"] == training_fingerprint(cfg):
-            return done
-        raise ConfigError(
-            f"{out} already holds a finished run with another config; choose another --train.name "
-            "or delete the folder"
-        )
-    if tc.batch_size % (tc.accum_steps * dist_info.world_size):
-        raise ConfigError(
-            f"train.batch_size {tc.batch_size} must divide by accum_steps x world size "
-            f"({tc.accum_steps} x {dist_info.world_size})"
-        )
-    if tc.resume not in ("auto", "never"):
-        raise ConfigError(f"train.resume must be auto or never, not {tc.resume!r}")
-    if tc.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"train.optimizer must be one of {OPTIMIZERS}, not {tc.optimizer!r}")
-    ckpt_path = out / "checkpoint.pt"
-    run_fp = training_fingerprint(cfg)
-    state = None
-    if ckpt_path.is_file() and tc.resume == "auto":
-        state = safe_torch_load(ckpt_path)  # checked before any work is done
-        if state["fingerprint"] != run_fp:
-            old = state.get("config")
-            changed = _changes(_fingerprinted(old), _fingerprinted(to_dict(cfg))) if old else []
-            what = "; ".join(changed[:8]) or f"see {out / 'config.yaml'}"
-            raise ConfigError(
-                f"{ckpt_path} was written with another config ({what}); "
-                "resuming would mix two runs. Use the same config, another --train.name, "
-                "or --train.resume never"
-            )
-    torch.manual_seed(tc.seed)
-    random.seed(tc.seed)
-    if tc.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses determinism without it
-        torch.use_deterministic_algorithms(True)
-
-    loaded = load_model_for(cfg)
-    cache = None
-    if needs_teacher_cache(tc.method):
+def load_cache(cfg: RunConfig, use: CacheUse) -> TeacherCache | None:
+    """The teacher cache whose rows the batches carry: checked when the task requires it, when built
+    for a task that can use it, none for a task that does not."""
+    if use is CacheUse.REQUIRED:
         cache = TeacherCache(cache_dir(cfg))
         cache.check(data_id(cfg))
-    elif reads_teacher_cache(tc.method):
-        cache = _cache_if_built(cfg)
-    task = build_task(cfg, loaded.model, cache).to(device)
-    source = make_pair_source(cfg.data, loaded.tokenizer, loaded.preprocess)
-    pool = training_pool(cfg, len(source), cache or _cache_if_built(cfg))
-    micro_batch = tc.batch_size // tc.accum_steps
-    sampler = StepSampler(pool, micro_batch, tc.seed, dist_info.rank, dist_info.world_size)
+        return cache
+    return _cache_if_built(cfg) if use is CacheUse.OPTIONAL else None
 
+
+def training_pool(cfg: RunConfig, task: Task, size: int, cache: TeacherCache | None) -> np.ndarray:
+    """Sample indices to train on: all, minus bad samples the cache found, within an optional subset,
+    then as the task selects."""
+    pool = np.arange(size)
+    if cache is not None:
+        pool = pool[cache.valid[:size]]
+    if cfg.train.subset:
+        path = run_path(cfg, cfg.train.subset)
+        if not path.is_file():
+            raise ConfigError(f"train.subset {path} does not exist (run `clipdistill balance` first)")
+        keep = np.load(path, allow_pickle=False)
+        pool = np.intersect1d(pool, keep)
+    return task.training_pool(pool)
+
+
+@dataclass
+class Trainer:
+    """What a training step uses and changes: the task (and its DDP wrapper), the optimizer and schedule."""
+
+    task: Task
+    model: nn.Module  # the task, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    tc: TrainConfig
+    device: torch.device
+    cache: TeacherCache | None = None
+    world_size: int = 1
+    checkpoint: Path | None = None  # named when the loss diverges
+
+
+def make_trainer(task: Task, tc: TrainConfig, device: torch.device, cache: TeacherCache | None = None,
+                 world_size: int = 1, checkpoint: Path | None = None) -> Trainer:  # fmt: skip
+    """`task` on `device` with its optimizer and cosine schedule (DDP when there are several ranks)."""
+    task = task.to(device)
     optimizer = make_optimizer(task, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(tc.warmup_steps, tc.steps))
-    start_step, elapsed = 0, 0.0
-    if state is not None:
-        task.load_state_dict(state["task"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start_step, elapsed = state["step"], state["elapsed"]
-    if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.tmp"):  # half-written files of a killed run (see atomic_path)
-            stale.unlink()
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        _trim_metrics(out / "metrics.jsonl", start_step)
+    model = DistributedDataParallel(task) if world_size > 1 else task
+    return Trainer(task, model, optimizer, scheduler, tc, device, cache, world_size, checkpoint)
 
-    model = DistributedDataParallel(task) if dist_info.world_size > 1 else task
-    writer = _tensorboard(out) if tc.tensorboard and dist_info.is_main else None
-    metrics = open(out / "metrics.jsonl", "a") if dist_info.is_main else None
+
+class StepResult(NamedTuple):
+    parts: dict[str, float]  # the loss and its parts, averaged over the micro-batches
+    lr: float  # the rate this step used
+    skipped: int  # unreadable samples the batches left out
+
+
+def train_step(trainer: Trainer, batches: Iterator[dict], step: int) -> StepResult:
+    """One optimizer step over `accum_steps` micro-batches of `batches`: forward and backward under
+    autocast (DDP syncs the last one), a stop on a NaN/inf loss, clipping, optimizer and schedule."""
+    tc, model = trainer.tc, trainer.model
+    parts_sum: dict[str, float] = {}
+    skipped = 0
+    for micro in range(tc.accum_steps):
+        batch = next(batches)
+        skipped += len(batch["skipped"])
+        if trainer.world_size > 1:
+            batch = equalize_batch(batch)
+        batch = prepare_batch(batch, trainer.device, trainer.cache)
+        sync = micro == tc.accum_steps - 1 or trainer.world_size == 1
+        with model.no_sync() if not sync else contextlib.nullcontext(), autocast_for(trainer.device, tc.amp):
+            parts = model(batch)
+            loss = parts["loss"] / tc.accum_steps
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {step + 1}: lower --train.lr, keep --train.grad_clip on, "
+                f"and resume from the last good checkpoint in {trainer.checkpoint}"
+            )
+        loss.backward()
+        for key, value in parts.items():
+            parts_sum[key] = parts_sum.get(key, 0.0) + float(value.detach()) / tc.accum_steps
+    if tc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(trainer.task.parameters(), tc.grad_clip)
+    lr = trainer.scheduler.get_last_lr()[0]
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.task.after_step()
+    return StepResult(parts_sum, lr, skipped)
+
+
+def build(cfg: RunConfig, run: Run) -> tuple[Trainer, object, np.ndarray]:
+    """The model, the task of `train.method` around it, its cache, the data and the pool it trains on."""
+    loaded = load_model_for(cfg)
+    task_cls = task_class(cfg.train.method)
+    cache = load_cache(cfg, task_cls.cache_use)
+    task = task_cls.from_config(cfg, loaded.model, cache).to(run.device)
+    source = make_pair_source(cfg.data, loaded.tokenizer, loaded.preprocess)
+    pool = training_pool(cfg, task, len(source), cache or _cache_if_built(cfg))
+    trainer = make_trainer(task, cfg.train, run.device, cache, run.dist.world_size, run.checkpoint)
+    return trainer, source, pool
+
+
+def restore(trainer: Trainer, state: dict | None) -> tuple[int, float]:
+    """Load a checkpoint's weights, optimizer, schedule and RNG; returns (its step, its seconds)."""
+    if state is None:
+        return 0, 0.0
+    trainer.task.load_state_dict(state["task"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return state["step"], state["elapsed"]
+
+
+def prepare_folder(run: Run, start_step: int) -> None:
+    """The output folder without a killed run's half-written files, with the resolved config."""
+    if not run.dist.is_main:
+        return
+    run.out.mkdir(parents=True, exist_ok=True)
+    sweep_temps(run.out)
+    config = yaml.safe_dump(to_dict(run.cfg), sort_keys=False)
+    atomic_write(run.out / "config.yaml", lambda tmp: tmp.write_text(config))
+    _trim_metrics(run.out / "metrics.jsonl", start_step)
+
+
+def training_batches(run: Run, source, pool: np.ndarray, start_step: int) -> Iterator[dict]:
+    """This rank's micro-batches from `start_step` on, in the order an uninterrupted run sees them."""
+    tc, info = run.cfg.train, run.dist
+    micro_batch = tc.batch_size // tc.accum_steps
     first_micro = start_step * tc.accum_steps
     if isinstance(source, ShardPairs):  # streamed shards: cache rows are found by sample key
-        batches = source.stream(micro_batch // dist_info.world_size, tc.seed, dist_info.rank,
-                                dist_info.world_size, first_micro, pool)  # fmt: skip
-    else:
-        batches = source.batches(sampler.schedule(first_micro, tc.steps * tc.accum_steps))
-    skipped = 0
-    progress = tqdm(
-        total=tc.steps,
-        initial=start_step,
-        desc=f"train {out.name}",
-        unit="step",
-        disable=not dist_info.is_main,
-        dynamic_ncols=True,
-    )
-    task.train()
-    tick = time.time()
-    for step in range(start_step, tc.steps):
-        parts_sum: dict[str, float] = {}
-        for micro in range(tc.accum_steps):
-            batch = next(batches)
-            skipped += len(batch["skipped"])
-            if dist_info.world_size > 1:
-                batch = equalize_batch(batch)
-            batch = _to_device(batch, device, cache)
-            sync = micro == tc.accum_steps - 1 or dist_info.world_size == 1
-            with model.no_sync() if not sync else contextlib.nullcontext(), autocast_for(device, tc.amp):
-                parts = model(batch)
-                loss = parts["loss"] / tc.accum_steps
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {step + 1}: lower --train.lr, keep --train.grad_clip on, "
-                    f"and resume from the last good checkpoint in {ckpt_path}"
-                )
-            loss.backward()
-            for key, value in parts.items():
-                parts_sum[key] = parts_sum.get(key, 0.0) + float(value.detach()) / tc.accum_steps
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(task.parameters(), tc.grad_clip)
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        task.after_step()
-        done_steps = step + 1
-        if done_steps % tc.log_every == 0 or done_steps == tc.steps:
-            now = time.time()
-            elapsed += now - tick
-            tick = now
-            record = {k: float(all_reduce_mean(torch.tensor(v))) for k, v in parts_sum.items()}
-            record |= {"step": done_steps, "lr": lr, "elapsed": round(elapsed, 2)}
-            if metrics is not None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            if writer is not None:
+        return source.stream(micro_batch // info.world_size, tc.seed, info.rank, info.world_size,
+                             first_micro, pool)  # fmt: skip
+    sampler = StepSampler(pool, micro_batch, tc.seed, info.rank, info.world_size)
+    return source.batches(sampler.schedule(first_micro, tc.steps * tc.accum_steps))
+
+
+class TrainLog:
+    """The training clock, metrics.jsonl, TensorBoard and the progress bar (main process writes)."""
+
+    def __init__(self, run: Run, start_step: int, elapsed: float) -> None:
+        self.run, self.tc = run, run.cfg.train
+        main = run.dist.is_main
+        self.writer = _tensorboard(run.out) if self.tc.tensorboard and main else None
+        self.metrics = open(run.out / "metrics.jsonl", "a") if main else None
+        self.progress = tqdm(total=self.tc.steps, initial=start_step, desc=f"train {run.out.name}",
+                             unit="step", disable=not main, dynamic_ncols=True)  # fmt: skip
+        self.elapsed, self.tick, self.skipped = elapsed, time.time(), 0
+
+    def lap(self) -> float:
+        """Training seconds so far (a resumed run counts its earlier ones)."""
+        now = time.time()
+        self.elapsed += now - self.tick
+        self.tick = now
+        return self.elapsed
+
+    def step(self, done_steps: int, result: StepResult) -> None:
+        self.skipped += result.skipped
+        if done_steps % self.tc.log_every == 0 or done_steps == self.tc.steps:
+            record = {k: float(all_reduce_mean(torch.tensor(v))) for k, v in result.parts.items()}
+            record |= {"step": done_steps, "lr": result.lr, "elapsed": round(self.lap(), 2)}
+            if self.metrics is not None:
+                self.metrics.write(json.dumps(record) + "\n")
+                self.metrics.flush()
+            if self.writer is not None:
                 for key, value in record.items():
-                    writer.add_scalar(f"train/{key}", value, done_steps)
-            progress.set_postfix(loss=f"{record['loss']:.3f}")
-        progress.update(1)
-        if done_steps % tc.ckpt_every == 0 or done_steps == tc.steps:
-            elapsed += time.time() - tick
-            tick = time.time()
-            if dist_info.is_main:
-                save_training_state(
-                    {
-                        "task": task.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": _rng_state(),
-                        "step": done_steps,
-                        "elapsed": elapsed,
-                        "fingerprint": run_fp,
-                        "config": to_dict(cfg),
-                    },
-                    ckpt_path,
-                )
-    progress.close()
-    if metrics is not None:
-        metrics.close()
+                    self.writer.add_scalar(f"train/{key}", value, done_steps)
+            self.progress.set_postfix(loss=f"{record['loss']:.3f}")
+        self.progress.update(1)
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def save_checkpoint(run: Run, trainer: Trainer, done_steps: int, elapsed: float) -> None:
+    if run.dist.is_main:
+        state = {
+            "task": trainer.task.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "step": done_steps,
+            "elapsed": elapsed,
+            "fingerprint": run.fingerprint,
+            "config": to_dict(run.cfg),
+        }
+        save_training_state(state, run.checkpoint)
+
+
+def finish(run: Run, trainer: Trainer, log: TrainLog, pool: np.ndarray) -> dict:
+    """What the task exports, then done.json (written last: it marks the run finished)."""
+    log.close()
     result = {
-        "fingerprint": run_fp,
-        "steps": tc.steps,
-        "train_seconds": round(elapsed, 2),
-        "world_size": dist_info.world_size,
-        "skipped_samples": skipped,
+        "fingerprint": run.fingerprint,
+        "steps": run.cfg.train.steps,
+        "train_seconds": round(log.elapsed, 2),
+        "world_size": run.dist.world_size,
+        "skipped_samples": log.skipped,
         "train_samples": int(len(pool)),
     }
-    if dist_info.is_main:
-        save_state_dict(task.model.state_dict(), out / "model.safetensors")
-        heads = task.heads()
-        if heads:
-            save_state_dict(
-                {f"{n}.{k}": v for n, h in heads.items() for k, v in h.state_dict().items()},
-                out / "heads.safetensors",
-            )
-        if hasattr(task, "export"):  # outputs a recipe writes besides weights (prompt_teacher's text bank)
-            task.export(out)
-        write_json(done_path, result)
+    if run.dist.is_main:
+        trainer.task.export(run.out)
+        write_json(run.out / "done.json", result)
     return result
+
+
+def train(cfg: RunConfig) -> dict:
+    """Train `cfg.train.role` with `cfg.train.method`; resumes from `checkpoint.pt` when present."""
+    run = open_run(cfg)
+    if run.finished is not None:
+        return run.finished
+    seed_everything(cfg.train)
+    trainer, source, pool = build(cfg, run)
+    start_step, elapsed = restore(trainer, run.state)
+    prepare_folder(run, start_step)
+    batches = training_batches(run, source, pool, start_step)
+    log = TrainLog(run, start_step, elapsed)
+    trainer.task.train()
+    for step in range(start_step, cfg.train.steps):
+        log.step(step + 1, train_step(trainer, batches, step))
+        if (step + 1) % cfg.train.ckpt_every == 0 or step + 1 == cfg.train.steps:
+            save_checkpoint(run, trainer, step + 1, log.lap())
+    return finish(run, trainer, log, pool)
 
 
 def equalize_batch(batch: dict) -> dict:
@@ -398,7 +461,8 @@ def equalize_batch(batch: dict) -> dict:
     return {k: (v[:n] if k != "skipped" and v is not None else v) for k, v in batch.items()}
 
 
-def _to_device(batch: dict, device: torch.device, cache: TeacherCache | None) -> dict:
+def prepare_batch(batch: dict, device: torch.device, cache: TeacherCache | None) -> dict:
+    """The batch on `device`, with the cached teacher rows of its samples when there is a cache."""
     moved = {
         k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
     }

@@ -68,8 +68,8 @@ def _trained_ids(monkeypatch, cfg) -> list[list[str]]:
     """The sample keys of every training batch, in order."""
     import clipdistill.train as train_module
 
-    seen, to_device = [], train_module._to_device
-    monkeypatch.setattr(train_module, "_to_device", lambda b, *a: seen.append(b["id"]) or to_device(b, *a))
+    seen, to_device = [], train_module.prepare_batch
+    monkeypatch.setattr(train_module, "prepare_batch", lambda b, *a: seen.append(b["id"]) or to_device(b, *a))
     train(cfg)
     return seen
 

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from clipdistill.config import ConfigError, load_config
 from clipdistill.evaluate.run import evaluate_model, load_trained, run_eval
 from clipdistill.models.factory import count_parameters
-from clipdistill.train import output_dir, train
+from clipdistill.runs import output_dir
+from clipdistill.train import train
 from conftest import needs_lab, tiny_overrides
 
 pytestmark = needs_lab

@@ -195,7 +195,7 @@ def test_missing_model_and_unknown_suite(tmp_path, suite_root):
     run_dir = tmp_path / "run"
     with pytest.raises(ConfigError, match="no trained model at"):
         run_suite(config(run_dir, suite_root, "--eval.suite", "base_to_novel", "--eval.model", "nope"))
-    with pytest.raises(ConfigError, match="eval.suite must be one of"):
+    with pytest.raises(ConfigError, match="eval.suite: 'b2n' is not one of"):
         run_suite(config(run_dir, suite_root, "--eval.suite", "b2n", "--eval.model", "teacher"))
     with pytest.raises(ConfigError, match="needs eval.suite_root"):
         run_suite(load_config(None, ["--run_dir", str(run_dir), "--eval.suite", "base_to_novel"]))

@@ -79,14 +79,21 @@ def test_task_holds_no_teacher_and_needs_clusters(tiny_cache, tmp_path):
 
 
 def test_demo_rows_set_dotted_overrides():
-    from clipdistill.config import RunConfig
-    from clipdistill.demo import ROWS, _needs_clusters, _with_overrides
+    from clipdistill.config import ConfigError, RunConfig, replace
+    from clipdistill.lab import row_config
+    from clipdistill.lab.demo import _needs_clusters
 
-    cfg = _with_overrides(RunConfig(), ROWS["cid_no_cluster"])
+    cfg = row_config(RunConfig(), "cid_no_cluster", seed=0)
     assert cfg.train.method == "cid" and cfg.cid.lambda_cd == 0.0 and RunConfig().cid.lambda_cd == 1.0
-    assert _with_overrides(RunConfig(), ROWS["cid_balanced"]).train.subset == "balance/kept.npy"
-    with pytest.raises(ValueError, match="no such config field"):
-        _with_overrides(RunConfig(), {"cid.lambda_xx": 0.0})
+    assert cfg.train.name == "cid_no_cluster" and cfg.train.role == "student"
+    assert row_config(RunConfig(), "cid_balanced", seed=0).train.subset == "balance/kept.npy"
+    seeded = replace(RunConfig(), {"lab.seeds": [0, 1]})
+    assert row_config(seeded, "prompt_teacher", seed=1).train.name == "prompt_teacher_seed1"
+    assert row_config(seeded, "prompt_teacher", seed=1).train.role == "teacher"  # the row's own role wins
+    with pytest.raises(ConfigError, match="cid.lambda_xx: no such config key"):
+        replace(RunConfig(), {"cid.lambda_xx": 0.0})
+    with pytest.raises(ValueError, match="unknown lab row 'nope'"):
+        row_config(RunConfig(), "nope", seed=0)
     cfg.lab.rows = ["no_kd"]
     assert not _needs_clusters(cfg)
     cfg.lab.rows = ["no_kd", "cid_random_subset"]

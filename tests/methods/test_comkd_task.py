@@ -20,7 +20,7 @@ from clipdistill.config import ComkdConfig, ConfigError, ModelConfig, RunConfig
 from clipdistill.evaluate.run import run_eval
 from clipdistill.losses.comkd import Projector
 from clipdistill.methods import build_task, needs_teacher_cache
-from clipdistill.methods.comkd import ComkdHead, inductive_pool, load_head
+from clipdistill.methods.comkd import ComkdHead, load_head
 from clipdistill.methods.prompt_teacher import attach_visual_prompts
 from clipdistill.models.factory import count_parameters, create_student, create_teacher
 from clipdistill.models.prompts import TextPromptLearner, VisualPromptLearner
@@ -298,10 +298,16 @@ def test_inductive_stage2_sees_base_class_images_only(tiny_cache, prompted, tmp_
     cfg = _stage2(tiny_cache, prompted, tmp_path, "--train.method", "comkd", "--comkd.inductive", "true")
     labels = lab_module.load_lab(cfg.data).train.labels.numpy()
     base = json.loads((tmp_path / "run" / "prompt_teacher" / "split.json").read_text())["base"]
+    task = build_task(cfg, create_student(cfg.student).model, TeacherCache(tmp_path / "run" / "cache"))
     pool = np.arange(len(labels))
-    kept = inductive_pool(cfg, pool)
+    kept = task.training_pool(pool)
     assert 0 < len(kept) < len(pool) and np.isin(labels[kept], base).all()
     assert np.isin(labels[np.setdiff1d(pool, kept)], base).sum() == 0  # every base image kept
+    assert np.array_equal(task.training_pool(pool[::2]), kept[np.isin(kept, pool[::2])])  # within the pool
+    transductive = _stage2(tiny_cache, prompted, tmp_path, "--train.method", "comkd")
+    cache = TeacherCache(tmp_path / "run" / "cache")
+    every = build_task(transductive, create_student(cfg.student).model, cache)
+    assert np.array_equal(every.training_pool(pool), pool)
 
 
 def test_prompt_teacher_reads_the_cached_teacher_features(prompted):

@@ -12,18 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 
-
-def base_novel_split(
-    n_classes: int, base_fraction: float = 0.5, seed: int = 0
-) -> tuple[list[int], list[int]]:
-    """Sorted (base, novel) class ids: a seeded draw of round(fraction·K) base classes."""
-    n_base = int(round(base_fraction * n_classes))
-    if not 0 < n_base < n_classes:
-        raise ValueError(f"base_fraction {base_fraction} leaves no base or no novel class of {n_classes}")
-    order = np.random.default_rng(seed).permutation(n_classes)
-    return sorted(order[:n_base].tolist()), sorted(order[n_base:].tolist())
+from clipdistill.data.shifts import DOMAIN_SHIFTS
 
 
 def subset_accuracy(logits: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> float:
@@ -43,21 +33,6 @@ def base_to_novel(logits: torch.Tensor, labels: torch.Tensor, base: list[int], n
     """`base_acc`, `novel_acc` and their harmonic mean `hm`, in percent."""
     base_acc, novel_acc = subset_accuracy(logits, labels, base), subset_accuracy(logits, labels, novel)
     return {"base_acc": base_acc, "novel_acc": novel_acc, "hm": harmonic_mean(base_acc, novel_acc)}
-
-
-def _noise(x: torch.Tensor) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)  # the same shifted test set every time
-    return (x + 0.2 * torch.randn(x.shape, generator=generator)).clamp(0, 1)
-
-
-# Shifted domains of float pixels [B, 3, S, S] in [0, 1] (before the model's normalisation).
-DOMAIN_SHIFTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "inverted": lambda x: 1.0 - x,
-    "rotated": lambda x: TF.rotate(x, 90.0),
-    "blurred": lambda x: TF.gaussian_blur(x, kernel_size=5, sigma=1.5),
-    "low_contrast": lambda x: 0.5 + 0.3 * (x - 0.5),
-    "noise": _noise,
-}
 
 
 def domain_shift(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clipdistill.cache import TeacherCache
 from clipdistill.config import ConfigError, DistillConfig, RunConfig
 from clipdistill.losses.baselines import (
     AffinityMimickingLoss,
@@ -19,6 +20,7 @@ from clipdistill.losses.baselines import (
     InteractiveContrastiveLoss,
 )
 from clipdistill.methods.clip import ClipTask
+from clipdistill.methods.task import CacheUse
 
 BASELINES = ("fd", "crd", "icl", "tinyclip_affinity", "openclip_distill")
 # Losses that compare embeddings directly, so they learn a projection to the teacher's width.
@@ -31,6 +33,9 @@ class BaselineTask(ClipTask):
     For openclip_distill `kd` is its soft cross-entropy (the loss minus the CLIP part) and
     `distill.weight` does not apply: open_clip's recipe has no weight.
     """
+
+    cache_use = CacheUse.REQUIRED
+    sections = ("distill",)
 
     def __init__(self, model: nn.Module, kind: str, teacher_dim: int, cfg: DistillConfig) -> None:
         super().__init__(model)
@@ -77,17 +82,14 @@ class BaselineTask(ClipTask):
         """The learnt projections to teacher space (fd, icl); the other losses have no parameters."""
         return {"distill": self.kd_loss} if self.kind in _PROJECTED else {}
 
-
-def baseline_builder(kind: str):
-    """A METHODS builder for baseline `kind`: the task with the cache's teacher width."""
-
-    def build(cfg: RunConfig, model: nn.Module, cache) -> BaselineTask:
+    @classmethod
+    def from_config(cls, cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> BaselineTask:
+        """The baseline `train.method` with the cache's teacher width."""
+        kind = cfg.train.method
         image_dim, text_dim = cache.meta.image_dim, cache.meta.text_dim
         if kind in _PROJECTED and image_dim != text_dim:
             raise ConfigError(
                 f"train.method {kind} projects both towers to one teacher width, but the cache has "
                 f"image {image_dim} and text {text_dim}"
             )
-        return BaselineTask(model, kind, int(image_dim), cfg.distill)
-
-    return build
+        return cls(model, kind, int(image_dim), cfg.distill)

@@ -13,10 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipdistill.cache import TeacherCache
 from clipdistill.config import CidConfig, ConfigError, RunConfig
 from clipdistill.losses.baselines import Projection
 from clipdistill.losses.cid import ClusterDiscriminationLoss, InstanceDiscriminationLoss
 from clipdistill.methods.clip import ClipTask
+from clipdistill.methods.task import CacheUse
+from clipdistill.runs import model_dir
 
 
 class CidTask(ClipTask):
@@ -24,6 +27,9 @@ class CidTask(ClipTask):
 
     Only the modules a term uses are built, so DDP never meets a parameter without a gradient.
     """
+
+    cache_use = CacheUse.REQUIRED
+    sections = ("cid", "cluster", "balance")
 
     def __init__(
         self,
@@ -96,10 +102,14 @@ class CidTask(ClipTask):
             heads["prototypes"] = self.cd_loss
         return {name: head for name, head in heads.items() if head is not None}
 
+    @classmethod
+    def from_config(cls, cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> CidTask:
+        return build_cid(cfg, model, cache)
 
-def build_cid(cfg: RunConfig, model: nn.Module, cache) -> CidTask:
+
+def build_cid(cfg: RunConfig, model: nn.Module, cache: TeacherCache) -> CidTask:
     """CidTask with the centroids and labels of `<run_dir>/<cid.clusters>/`."""
-    folder = Path(cfg.run_dir) / cfg.cid.clusters
+    folder = model_dir(cfg, cfg.cid.clusters)
     centroids_path, labels_path = folder / "centroids.npy", folder / "labels.npy"
     if not (centroids_path.is_file() and labels_path.is_file()):
         raise ConfigError(

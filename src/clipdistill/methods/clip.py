@@ -8,13 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipdistill.cache import TeacherCache
+from clipdistill.config import RunConfig
 from clipdistill.losses.clip import ClipLoss
+from clipdistill.methods.task import Task
 
 MAX_LOGIT_SCALE = math.log(100)
 
 
-class ClipTask(nn.Module):
-    """forward(batch) -> {"loss", parts...}; the trainer sees only this interface."""
+class ClipTask(Task):
+    """The symmetric contrastive loss of the model's own image and text embeddings."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -26,6 +29,10 @@ class ClipTask(nn.Module):
         text = F.normalize(self.model.encode_text(batch["text"]), dim=-1)
         return image, text
 
+    @classmethod
+    def from_config(cls, cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> ClipTask:
+        return cls(model)
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         image, text = self.encode(batch)
         loss = self.clip_loss(image, text, self.model.logit_scale.exp())
@@ -35,7 +42,3 @@ class ClipTask(nn.Module):
     def after_step(self) -> None:
         """Keep the temperature in CLIP's range (logit scale at most 100)."""
         self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-
-    def heads(self) -> dict[str, nn.Module]:
-        """Modules besides the model that inference needs (none for plain CLIP)."""
-        return {}

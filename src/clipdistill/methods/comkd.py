@@ -18,10 +18,13 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from clipdistill.cache import TeacherCache
 from clipdistill.checkpoint import load_state_dict
 from clipdistill.config import ComkdConfig, ConfigError, RunConfig, config_from_dict
 from clipdistill.losses.comkd import EduAttention, IFAlignLoss, Projector, RefinementKDLoss
 from clipdistill.methods.labelled import labelled_train
+from clipdistill.methods.task import CacheUse, Task
+from clipdistill.runs import find_run, model_dir
 
 TEXT_BANK = "text_bank.npy"  # written by stage 1 (methods/prompt_teacher.py)
 IMAGE_FEATURES = "image_features.npy"  # stage 1 with visual prompts: the prompted teacher's u_t per row
@@ -59,12 +62,16 @@ class ComkdHead(nn.Module):
         return self.logit_scale * F.normalize(self(student_image), dim=-1) @ self.text_bank.T
 
 
-class ComkdTask(nn.Module):
+class ComkdTask(Task):
     """L = λ_kd·L_kd + λ_align·L_align over the student's image tower and the head.
 
     The student's text tower is frozen (unused: classes come from W_t), so every trainable
-    parameter gets a gradient. The batch's labels, if any, are never read.
+    parameter gets a gradient. The batch's labels, if any, are never read; `train_rows` (the
+    inductive variant's base-class images) only picks which images it sees.
     """
+
+    cache_use = CacheUse.REQUIRED
+    sections = ("comkd",)
 
     def __init__(
         self,
@@ -73,6 +80,7 @@ class ComkdTask(nn.Module):
         cfg: ComkdConfig,
         teacher_images: torch.Tensor | None = None,
         skip: torch.Tensor | None = None,
+        train_rows: np.ndarray | None = None,
     ) -> None:
         super().__init__()
         for name, p in model.named_parameters():
@@ -83,6 +91,7 @@ class ComkdTask(nn.Module):
         self.kd_loss = RefinementKDLoss(cfg.temperature, cfg.logit_scale)
         self.align_loss = IFAlignLoss() if cfg.use_ifalign else None
         self.register_buffer("teacher_images", teacher_images, persistent=False)
+        self.train_rows = train_rows
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         if self.teacher_images is not None:  # VPT changed the teacher's features: stage 1's, by cache row
@@ -100,11 +109,15 @@ class ComkdTask(nn.Module):
         alpha = self.head.edu.alpha.detach() if self.head.edu is not None else kd.new_zeros(())
         return {"loss": loss, "kd": kd.detach(), "align": align.detach(), "alpha": alpha}
 
-    def after_step(self) -> None:
-        pass
-
     def heads(self) -> dict[str, nn.Module]:
         return {"head": self.head}
+
+    def training_pool(self, pool: np.ndarray) -> np.ndarray:
+        return pool if self.train_rows is None else pool[np.isin(pool, self.train_rows)]
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> ComkdTask:
+        return build_comkd(cfg, model, cache)
 
 
 def comkd_settings(cfg: RunConfig) -> ComkdConfig:
@@ -115,22 +128,13 @@ def comkd_settings(cfg: RunConfig) -> ComkdConfig:
     return settings
 
 
-def _run_folder(cfg: RunConfig, name: str, needed: str) -> Path | None:
-    """Train folder `name` of the run dir holding `needed`, or (a multi-seed lab) the run of the same seed."""
-    configured = Path(cfg.run_dir) / name
-    for folder in (configured, Path(f"{configured}_seed{cfg.train.seed}")):
-        if (folder / needed).is_file():
-            return folder
-    return None
-
-
 def prompt_teacher_folder(cfg: RunConfig) -> Path:
     """Stage 1's folder, or (a multi-seed lab) the stage-1 run of the same seed."""
-    folder = _run_folder(cfg, cfg.comkd.prompt_teacher, TEXT_BANK)
+    folder = find_run(cfg, cfg.comkd.prompt_teacher, TEXT_BANK)
     if folder is None:
         raise ConfigError(
             f"train.method {cfg.train.method} needs the prompt-tuned teacher's text bank "
-            f"{Path(cfg.run_dir) / cfg.comkd.prompt_teacher / TEXT_BANK}: run `clipdistill train "
+            f"{model_dir(cfg, cfg.comkd.prompt_teacher) / TEXT_BANK}: run `clipdistill train "
             "--train.role teacher --train.method prompt_teacher` first"
         )
     return folder
@@ -139,11 +143,11 @@ def prompt_teacher_folder(cfg: RunConfig) -> Path:
 def load_student_init(cfg: RunConfig, model: nn.Module) -> torch.Tensor | None:
     """Load `comkd.student_init`'s trained student into `model`; return its image projection into
     the teacher's space (CID's `proj_image`) for P's skip path, or None when it has none."""
-    folder = _run_folder(cfg, cfg.comkd.student_init, "done.json")
+    folder = find_run(cfg, cfg.comkd.student_init, "done.json")
     if folder is None:
         raise ConfigError(
             f"comkd.student_init {cfg.comkd.student_init!r}: no finished run at "
-            f"{Path(cfg.run_dir) / cfg.comkd.student_init}: train that student first"
+            f"{model_dir(cfg, cfg.comkd.student_init)}: train that student first"
         )
     try:
         model.load_state_dict(load_state_dict(folder / "model.safetensors"))
@@ -159,15 +163,15 @@ def load_text_bank(cfg: RunConfig) -> torch.Tensor:
     return torch.from_numpy(np.load(prompt_teacher_folder(cfg) / TEXT_BANK, allow_pickle=False))
 
 
-def inductive_pool(cfg: RunConfig, pool: np.ndarray) -> np.ndarray:
+def base_class_rows(cfg: RunConfig) -> np.ndarray:
     """The inductive variant's stage-2 images: those of base classes only, so novel classes are never
     seen, not even unlabeled (the default, transductive, uses every train image). The split picks
     the images; the batches still carry no label the student reads."""
     train = labelled_train(cfg)
-    return pool[np.isin(train.labels.numpy()[pool], train.base)]
+    return np.flatnonzero(np.isin(train.labels.numpy(), train.base))
 
 
-def build_comkd(cfg: RunConfig, model: nn.Module, cache) -> ComkdTask:
+def build_comkd(cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> ComkdTask:
     if cfg.train.role != "student":
         raise ConfigError(
             f"train.method {cfg.train.method} distils into the student: set --train.role student"
@@ -190,7 +194,8 @@ def build_comkd(cfg: RunConfig, model: nn.Module, cache) -> ComkdTask:
             f"comkd.student_init's image projection maps to width {skip.shape[0]}, the text bank is "
             f"{text_bank.shape[1]} wide: the student was distilled from another teacher"
         )
-    return ComkdTask(model, text_bank, comkd_settings(cfg), teacher_images, skip)
+    train_rows = base_class_rows(cfg) if cfg.comkd.inductive else None
+    return ComkdTask(model, text_bank, comkd_settings(cfg), teacher_images, skip, train_rows)
 
 
 def load_head(folder: str | Path) -> ComkdHead | None:

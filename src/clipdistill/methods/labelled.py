@@ -18,7 +18,7 @@ import torch
 from clipdistill.config import ConfigError, RunConfig
 from clipdistill.data.lab import load_lab
 from clipdistill.data.paper.pairs import paper_split
-from clipdistill.evaluate.protocols import base_novel_split
+from clipdistill.data.splits import base_novel_split
 
 
 @dataclass
@@ -51,8 +51,3 @@ def labelled_train(cfg: RunConfig) -> LabelledTrain:
         f"not {cfg.data.kind!r}"
     )
 
-
-def labelled_pool(cfg: RunConfig, pool: np.ndarray) -> np.ndarray:
-    """Stage 1's training rows: the pool within the labelled ones (every row of the lab)."""
-    labelled = labelled_train(cfg).labelled
-    return pool if labelled is None else np.intersect1d(pool, labelled)

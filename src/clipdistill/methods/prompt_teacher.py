@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipdistill.cache import TeacherCache
 from clipdistill.checkpoint import atomic_write, load_state_dict, save_npy
 from clipdistill.config import ComkdConfig, ConfigError, RunConfig
 from clipdistill.data.sources import make_pair_source
 from clipdistill.methods.labelled import labelled_train
+from clipdistill.methods.task import CacheUse, Task
 from clipdistill.models.factory import build_tokenizer, load_model_config, preprocess_for
 from clipdistill.models.prompts import TextPromptLearner, VisualPromptLearner
 
@@ -31,9 +33,13 @@ SPLIT = "split.json"
 IMAGE_FEATURES = "image_features.npy"
 
 
-class PromptTeacherTask(nn.Module):
+class PromptTeacherTask(Task):
     """CE over the base classes of `softmax(scale·image·prompt_text(base)ᵀ)`; labels looked up by
-    sample index, samples of novel classes ignored (they are unlabeled for this stage)."""
+    sample index, samples of novel classes ignored (they are unlabeled for this stage). It trains on
+    the `labelled` rows (None: every row) and reads the cached teacher features when there are any."""
+
+    cache_use = CacheUse.OPTIONAL
+    sections = ("comkd",)
 
     def __init__(
         self,
@@ -44,6 +50,7 @@ class PromptTeacherTask(nn.Module):
         base: list[int],
         cfg: ComkdConfig,
         source=None,
+        labelled: np.ndarray | None = None,
     ) -> None:
         super().__init__()
         if bool(cfg.vpt_depth) != bool(cfg.vpt_tokens):
@@ -58,6 +65,7 @@ class PromptTeacherTask(nn.Module):
         if cfg.vpt_depth:
             self.visual_prompts = VisualPromptLearner(model.visual, cfg.vpt_depth, cfg.vpt_tokens)
         self.source = source  # the training pair source: its images, for export
+        self.labelled = labelled
         class_to_base = torch.full((len(classnames),), -1, dtype=torch.long)
         class_to_base[torch.tensor(base)] = torch.arange(len(base))
         self.register_buffer("base", torch.tensor(base, dtype=torch.long), persistent=False)
@@ -94,14 +102,19 @@ class PromptTeacherTask(nn.Module):
         with torch.no_grad():
             return self.model.encode_image(images)
 
-    def after_step(self) -> None:
-        pass
+    def training_pool(self, pool: np.ndarray) -> np.ndarray:
+        """Stage 1's training rows: the pool within the labelled ones (every row of the lab)."""
+        return pool if self.labelled is None else np.intersect1d(pool, self.labelled)
 
     def heads(self) -> dict[str, nn.Module]:
         heads = {"prompts": self.prompts}
         if self.visual_prompts is not None:
             heads["visual_prompts"] = self.visual_prompts
         return heads
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> PromptTeacherTask:
+        return build_prompt_teacher(cfg, model, cache)
 
     @torch.no_grad()
     def image_features(self, batch_size: int = 512) -> torch.Tensor:
@@ -127,8 +140,10 @@ class PromptTeacherTask(nn.Module):
         return F.normalize(self.prompts(self.model).float(), dim=-1).cpu()
 
     def export(self, out: Path) -> None:
-        """Write the split, the image features and the text bank: what stage 2 reads instead of the
-        teacher's text tower. Each atomically, the bank last: stage 2 looks for it, so it marks the rest."""
+        """Besides the weights, write the split, the image features and the text bank: what stage 2 reads
+        instead of the teacher's text tower. Each atomically, the bank last: stage 2 looks for it, so it
+        marks the rest."""
+        super().export(out)
         base = self.base.tolist()
         novel = [c for c in range(len(self.classnames)) if c not in base]
         split = json.dumps({"classnames": self.classnames, "base": base, "novel": novel})
@@ -153,10 +168,10 @@ def attach_visual_prompts(model: nn.Module, folder: Path) -> bool:
     return True
 
 
-def build_prompt_teacher(cfg: RunConfig, model: nn.Module, cache) -> PromptTeacherTask:
+def build_prompt_teacher(cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> PromptTeacherTask:
     if cfg.train.role != "teacher":
         raise ConfigError("train.method prompt_teacher tunes the teacher's prompts: set --train.role teacher")
-    train = labelled_train(cfg)  # the training pool keeps its labelled rows (labelled_pool)
+    train = labelled_train(cfg)
     config = load_model_config(cfg.teacher.name)
     tokenizer = build_tokenizer(config)
     return PromptTeacherTask(
@@ -167,4 +182,5 @@ def build_prompt_teacher(cfg: RunConfig, model: nn.Module, cache) -> PromptTeach
         train.base,
         cfg.comkd,
         source=make_pair_source(cfg.data, tokenizer, preprocess_for(config)),
+        labelled=train.labelled,
     )

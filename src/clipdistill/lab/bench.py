@@ -12,7 +12,8 @@ from pathlib import Path
 
 from clipdistill.checkpoint import read_json, write_json
 from clipdistill.config import RunConfig
-from clipdistill.demo import ROWS, format_table, run_demo
+from clipdistill.lab.demo import ROWS, format_table, run_demo
+from clipdistill.runs import model_dir, seed_run_name
 
 # Rows recorded as another row's results: CLIP-CID already trains on all the data.
 ALIASES = {"cid_all_data": "cid"}
@@ -97,10 +98,8 @@ def run_bench(cfg: RunConfig, only: str | None = None) -> dict:
 
 
 def _train_folder(cfg: RunConfig, row: str) -> Path:
-    """The first seed's train folder of `row` (named as `demo.run_rows` names it)."""
-    row = ALIASES.get(row, row)
-    seed = cfg.lab.seeds[0]
-    return Path(cfg.run_dir) / (row if len(cfg.lab.seeds) == 1 else f"{row}_seed{seed}")
+    """The first seed's train folder of `row`."""
+    return model_dir(cfg, seed_run_name(ALIASES.get(row, row), cfg.lab.seeds[0], cfg.lab.seeds))
 
 
 def write_plots(cfg: RunConfig, results: dict[str, dict], tag: str = "") -> list[str]:

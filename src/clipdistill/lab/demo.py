@@ -6,16 +6,16 @@ only re-reads results, and a killed one continues where it stopped.
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from pathlib import Path
 
 from clipdistill.checkpoint import read_json, write_json
-from clipdistill.config import RunConfig, fingerprint, to_dict
+from clipdistill.config import RunConfig, fingerprint, replace, to_dict
 from clipdistill.curate.stages import run_balance, run_cluster
 from clipdistill.embed import run_embed
 from clipdistill.evaluate.run import run_eval
+from clipdistill.runs import model_dir, seed_run_name
 from clipdistill.train import train
 
 # ComKD stage 2 (DESIGN 4) starts from the CID student of the same seed: the two methods chain.
@@ -68,20 +68,12 @@ METRICS = (
 )
 
 
-def _with_train(cfg: RunConfig, **train_values) -> RunConfig:
-    return _with_overrides(cfg, {f"train.{key}": value for key, value in train_values.items()})
-
-
-def _with_overrides(cfg: RunConfig, values: dict) -> RunConfig:
-    """A copy of `cfg` with dotted `section.key` values set (a bare key is a train field)."""
-    out = copy.deepcopy(cfg)
-    for key, value in values.items():
-        section, _, name = key.rpartition(".")
-        target = getattr(out, section or "train")
-        if not hasattr(target, name):
-            raise ValueError(f"lab row override {key!r}: no such config field")
-        setattr(target, name, value)
-    return out
+def row_config(cfg: RunConfig, row: str, seed: int) -> RunConfig:
+    """The config that trains lab row `row` for `seed` (in its own folder, see `runs.seed_run_name`)."""
+    if row not in ROWS:
+        raise ValueError(f"unknown lab row {row!r}; known rows: {sorted(ROWS)}")
+    name = seed_run_name(row, seed, cfg.lab.seeds)
+    return replace(cfg, {"train.name": name, "train.seed": seed, "train.role": "student", **ROWS[row]})
 
 
 def _needs_clusters(cfg: RunConfig) -> bool:
@@ -89,30 +81,32 @@ def _needs_clusters(cfg: RunConfig) -> bool:
     return any(ROWS.get(row, {}).get("train.method") == "cid" for row in cfg.lab.rows)
 
 
-def _evaluated(cfg: RunConfig, name: str) -> dict:
+def evaluated(cfg: RunConfig, name: str) -> dict:
     """Eval metrics of train folder `name`, reused while the model and eval settings are unchanged."""
-    folder = Path(cfg.run_dir) / name
+    folder = model_dir(cfg, name)
     key = fingerprint({"done": read_json(folder / "done.json"), "eval": to_dict(cfg.eval)})
     cached = folder / "eval.json"
     if cached.is_file() and read_json(cached).get("eval_fingerprint") == key:
         metrics = read_json(cached)
     else:
-        metrics = run_eval(_with_train(cfg, name=name)) | {"eval_fingerprint": key}
+        metrics = run_eval(replace(cfg, {"train.name": name})) | {"eval_fingerprint": key}
         write_json(cached, metrics)
     return metrics | {"train_seconds": read_json(folder / "done.json")["train_seconds"]}
 
 
 def train_teacher(cfg: RunConfig) -> dict:
-    teacher_cfg = _with_train(
+    teacher_cfg = replace(
         cfg,
-        role="teacher",
-        method="clip",
-        name="teacher",
-        steps=cfg.lab.teacher_steps,
-        lr=cfg.lab.teacher_lr,
-        seed=0,
+        {
+            "train.role": "teacher",
+            "train.method": "clip",
+            "train.name": "teacher",
+            "train.steps": cfg.lab.teacher_steps,
+            "train.lr": cfg.lab.teacher_lr,
+            "train.seed": 0,
+            "teacher.pretrained": "",  # trained from scratch here (the text tower is pretrained)
+        },
     )
-    teacher_cfg.teacher.pretrained = ""  # trained from scratch here (the text tower is pretrained)
     return train(teacher_cfg)
 
 
@@ -127,22 +121,19 @@ def summarize(values: list[float]) -> dict:
 def run_rows(cfg: RunConfig) -> dict[str, dict]:
     """Train and evaluate every configured row for every seed; returns per-row metric summaries."""
     comkd_lab = any(ROWS.get(row, {}).get("eval.protocol") == "all" for row in cfg.lab.rows)
-    teacher = _evaluated(_with_overrides(cfg, {"eval.protocol": "all"}) if comkd_lab else cfg, "teacher")
+    teacher = evaluated(replace(cfg, {"eval.protocol": "all"}) if comkd_lab else cfg, "teacher")
     results = {"teacher": {m: summarize([teacher[m]]) for m in METRICS if m in teacher}}
     if comkd_lab:  # the hand-prompted teacher's base/novel/domain scores: the row stage 1 improves on
         protocol = ("zeroshot_top1", "base_acc", "novel_acc", "hm", "domain_shift_avg")
         results["teacher_zeroshot"] = {m: summarize([teacher[m]]) for m in protocol}
     for row in cfg.lab.rows:
-        if row not in ROWS:
-            raise ValueError(f"unknown lab row {row!r}; known rows: {sorted(ROWS)}")
         per_seed = []
         for seed in cfg.lab.seeds:
-            name = row if len(cfg.lab.seeds) == 1 else f"{row}_seed{seed}"
-            run_cfg = _with_overrides(_with_train(cfg, name=name, seed=seed, role="student"), ROWS[row])
+            run_cfg = row_config(cfg, row, seed)
             if run_cfg.data.domain:  # a target set: the teacher's cache of its images first
                 run_embed(run_cfg)
             train(run_cfg)
-            per_seed.append(_evaluated(run_cfg, name))
+            per_seed.append(evaluated(run_cfg, run_cfg.train.name))
         results[row] = {m: summarize([float(s[m]) for s in per_seed]) for m in METRICS if m in per_seed[0]}
     return results
 

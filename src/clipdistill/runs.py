@@ -1,0 +1,65 @@
+"""The layout of a run folder (`run_dir`): where every stage reads and writes, in one place.
+
+`<run_dir>/cache/` (or `cache_<domain>/` for a lab target domain) holds the teacher cache,
+`<run_dir>/<name>/` each trained model; a multi-seed lab names a row's run `<row>_seed<N>`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clipdistill.config import RunConfig
+
+
+def model_name(cfg: RunConfig, chosen: str = "") -> str:
+    """The train folder a stage works on: the one `chosen` (eval.model, export.model), else this
+    config's own run (`train.name`, else the method's name)."""
+    return chosen or cfg.train.name or cfg.train.method
+
+
+def model_dir(cfg: RunConfig, name: str) -> Path:
+    """The folder of train run `name`."""
+    return Path(cfg.run_dir) / name
+
+
+def output_dir(cfg: RunConfig) -> Path:
+    """Where `train` writes this config's run."""
+    return model_dir(cfg, model_name(cfg))
+
+
+def cache_dir(cfg: RunConfig) -> Path:
+    """The run's teacher cache; a lab target domain (cross-dataset distillation) has its own."""
+    return Path(cfg.run_dir) / (f"cache_{cfg.data.domain}" if cfg.data.domain else "cache")
+
+
+def data_id(cfg: RunConfig) -> str:
+    """Identity of the training samples: what the teacher cache is keyed on."""
+    d = cfg.data
+    if d.kind == "paper":  # the dataset's whole train split: stage 1's few-shot images are rows of it
+        return f"paper:{d.dataset}:{d.path}"
+    return f"{d.kind}:{d.path or 'default'}:val{d.val_size}:train{d.train_size}"
+
+
+def run_path(cfg: RunConfig, path: str) -> Path:
+    """A path option (train.subset, cluster.subset): relative ones are inside the run folder."""
+    return Path(path) if Path(path).is_absolute() else Path(cfg.run_dir) / path
+
+
+def seed_run_name(row: str, seed: int, seeds: list[int]) -> str:
+    """A lab row's train folder for `seed`: the row itself, or `<row>_seed<N>` when it runs several seeds."""
+    return row if len(seeds) == 1 else f"{row}_seed{seed}"
+
+
+def find_run(cfg: RunConfig, name: str, needed: str) -> Path | None:
+    """Folder `name` of the run dir holding `needed`, or (a multi-seed lab) the run of the same seed."""
+    configured = model_dir(cfg, name)
+    for folder in (configured, Path(f"{configured}_seed{cfg.train.seed}")):
+        if (folder / needed).is_file():
+            return folder
+    return None
+
+
+def sweep_temps(folder: Path, pattern: str = ".*.tmp") -> None:
+    """Delete the half-written files of a killed run (see `checkpoint.atomic_path`): never read, garbage."""
+    for stale in Path(folder).glob(pattern):
+        stale.unlink()
