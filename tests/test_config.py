@@ -115,3 +115,70 @@ def test_train_writes_the_resolved_config(tiny_config):
     written = yaml.safe_load((Path(cfg.run_dir) / "clip" / "config.yaml").read_text())
     assert config_from_dict(written) == cfg
     assert written["train"]["lr"] == 1e-3 and written["teacher"]["name"] == "lab-student-tiny"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--train.method", "cdi"], "train.method: 'cdi' is not one of 'clip', 'cid', 'prompt_teacher'"),
+        (["--train.optimizer", "adam"], "train.optimizer: 'adam' is not one of 'adamw', 'sgd'"),
+        (["--data.kind", "tar"], "data.kind: 'tar' is not one of 'lab', 'csv', 'webdataset', 'paper'"),
+        (["--eval.protocol", "full"], "eval.protocol: 'full' is not one of 'standard', 'base_to_novel'"),
+        (["--export.format", "tflite"], "export.format: 'tflite' is not one of 'open_clip', 'onnx', 'all'"),
+    ],
+)
+def test_choices_are_checked_when_the_config_loads(overrides, message, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    key, value = overrides[0][2:].split(".")[1], overrides[1]
+    section = overrides[0][2:].split(".")[0]
+    path = tmp_path / "run.yaml"
+    path.write_text(f"{section}:\n  {key}: {value}\n")
+    with pytest.raises(ConfigError, match=message.split(" is not")[0]):
+        load_config(str(path))
+
+
+def test_choices_match_what_the_code_implements():
+    import typing
+
+    from clipdistill.config import Domain, Suite
+    from clipdistill.data import paper
+    from clipdistill.data.shifts import DOMAIN_SHIFTS
+
+    assert set(typing.get_args(Domain)) == {"", *DOMAIN_SHIFTS}
+    assert set(typing.get_args(Suite)) == {"", *paper.SUITES}
+
+
+def test_replace_is_typed_and_leaves_the_original():
+    from clipdistill.config import replace
+
+    cfg = RunConfig()
+    values = {"train.steps": 3, "cid.lambda_cd": 0, "run_dir": "other", "data.domain": "noise"}
+    out = replace(cfg, values)
+    assert (out.train.steps, out.cid.lambda_cd, out.run_dir, out.data.domain) == (3, 0.0, "other", "noise")
+    assert isinstance(out.cid.lambda_cd, float) and cfg.train.steps == RunConfig().train.steps
+    for values, message in [
+        ({"train.stepz": 3}, "train.stepz: no such config key"),
+        ({"nosection.key": 3}, "nosection.key: no such config key"),
+        ({"train.steps": "3"}, "train.steps: expected int"),
+        ({"train.role": "critic"}, "train.role: 'critic' is not one of 'student', 'teacher'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            replace(cfg, values)
+
+
+def test_demo_and_bench_start_from_the_lab_file(capsys):
+    from clipdistill.cli import main
+    from clipdistill.lab import LAB_CONFIG
+
+    lab = yaml.safe_load(LAB_CONFIG.read_text())
+    assert (Path(__file__).parents[1] / "configs" / "lab.yaml").resolve() == LAB_CONFIG.resolve()  # one file
+    for stage in ("demo", "bench"):
+        assert main([stage, "--print-config"]) == 0
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["train"]["steps"] == lab["train"]["steps"] != RunConfig().train.steps
+        assert printed["cluster"]["n_clusters"] == lab["cluster"]["n_clusters"]
+        assert printed["lab"]["teacher_steps"] == lab["lab"]["teacher_steps"]
+    assert main(["train", "--print-config"]) == 0  # other stages: the code's defaults
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["steps"] == RunConfig().train.steps

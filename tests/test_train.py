@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from clipdistill import train as train_module
@@ -186,3 +187,31 @@ def test_done_json_makes_a_rerun_return_at_once(tiny_config, monkeypatch):
 def test_bad_train_settings_are_refused_when_the_config_loads(tiny_config, override, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config(*override)
+
+
+def test_checkpoints_carry_the_cuda_generator_when_there_is_one(monkeypatch):
+    saved, restored = torch.tensor([7, 8, 9], dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: saved)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    state = train_module._rng_state()
+    assert torch.equal(state["cuda"], saved)
+    train_module._set_rng_state(state)
+    assert restored == [saved]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "cuda" not in train_module._rng_state()
+    train_module._set_rng_state(state)  # a GPU checkpoint resumed on a CPU: its CUDA state is not needed
+    assert restored == [saved]
+
+
+def test_config_yaml_is_written_atomically(tiny_config, monkeypatch):
+    written, atomic_write = [], train_module.atomic_write
+    def recorded(path, write):
+        written.append(path)
+        atomic_write(path, write)
+
+    monkeypatch.setattr(train_module, "atomic_write", recorded)
+    cfg = tiny_config()
+    train(cfg)
+    assert output_dir(cfg) / "config.yaml" in written
+    assert yaml.safe_load((output_dir(cfg) / "config.yaml").read_text())["train"]["steps"] == cfg.train.steps

@@ -62,7 +62,7 @@ def param_groups(task: Task, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(task: Task, tc: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (open_clip's betas) or SGD with momentum 0.9 (CoOp's and PromptKD's prompt-tuning recipe)."""
+    """AdamW (open_clip's betas) or SGD with momentum 0.9 (CoOp's choice for a few context vectors)."""
     groups = param_groups(task, tc.weight_decay)
     if tc.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=tc.lr, momentum=0.9)

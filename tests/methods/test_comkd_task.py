@@ -16,7 +16,7 @@ import clipdistill.data.lab as lab_module
 import clipdistill.train as train_module
 from cid_fixtures import build_tiny_cache, stage_config
 from clipdistill.cache import TeacherCache
-from clipdistill.config import ComkdConfig, ConfigError, ModelConfig, RunConfig
+from clipdistill.config import ComkdConfig, ConfigError, ModelConfig, RunConfig, replace
 from clipdistill.evaluate.run import run_eval
 from clipdistill.losses.comkd import Projector
 from clipdistill.methods import build_task, needs_teacher_cache
@@ -304,7 +304,7 @@ def test_inductive_stage2_sees_base_class_images_only(tiny_cache, prompted, tmp_
     assert 0 < len(kept) < len(pool) and np.isin(labels[kept], base).all()
     assert np.isin(labels[np.setdiff1d(pool, kept)], base).sum() == 0  # every base image kept
     assert np.array_equal(task.training_pool(pool[::2]), kept[np.isin(kept, pool[::2])])  # within the pool
-    transductive = _stage2(tiny_cache, prompted, tmp_path, "--train.method", "comkd")
+    transductive = replace(cfg, {"comkd.inductive": False})
     cache = TeacherCache(tmp_path / "run" / "cache")
     every = build_task(transductive, create_student(cfg.student).model, cache)
     assert np.array_equal(every.training_pool(pool), pool)

@@ -1,0 +1,27 @@
+"""The command line's error reporting: one line by default, the traceback with --debug."""
+
+import pytest
+
+from clipdistill.cli import main
+from clipdistill.config import ConfigError
+
+
+def test_an_error_is_one_line_without_debug(capsys):
+    assert main(["train", "--train.method", "magic"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clipdistill train: config error: train.method: 'magic' is not one of")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(ConfigError, match="train.method: 'magic'"):
+        main(["train", "--debug", "--train.method", "magic"])
+
+
+def test_a_stage_error_is_one_line_and_debug_raises_it(tmp_path, capsys):
+    missing = tmp_path / "run"
+    args = ["eval", "--run_dir", str(missing), "--eval.model", "nothing_trained"]
+    assert main(args) == 2  # no trained model: a config error naming the file
+    assert "model.safetensors" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        main([*args, "--debug"])
