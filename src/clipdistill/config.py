@@ -1,7 +1,9 @@
 """Typed run configuration: dataclasses, YAML files and `--section.key value` overrides.
 
-A config is validated before any work starts: unknown keys and wrong types are one clear
-error each, and the resolved config is written next to every stage's outputs.
+A config is validated before any work starts: unknown keys, wrong types and values outside a
+field's choices (its `Literal` type) are one clear error each, and the resolved config is written
+next to every stage's outputs. The defaults here are generic; the lab's own values are in
+`clipdistill/lab/lab.yaml` (`configs/lab.yaml`), which `demo` and `bench` always start from.
 """
 
 from __future__ import annotations
