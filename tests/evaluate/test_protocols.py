@@ -5,14 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipdistill.evaluate.protocols import (
-    DOMAIN_SHIFTS,
-    base_novel_split,
-    base_to_novel,
-    domain_shift,
-    harmonic_mean,
-    subset_accuracy,
-)
+from clipdistill.data.shifts import DOMAIN_SHIFTS
+from clipdistill.data.splits import base_novel_split
+from clipdistill.evaluate.protocols import base_to_novel, domain_shift, harmonic_mean, subset_accuracy
 
 
 def test_split_is_seeded_disjoint_and_complete():
