@@ -77,6 +77,7 @@ class EmbedConfig:
     batch_size: int = 256
     shard_size: int = 8192
     device: str = "auto"
+    max_skip_fraction: float = 0.5  # more skipped samples than this stops `embed` (the data is wrong)
 
 
 @dataclass

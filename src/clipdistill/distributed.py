@@ -9,6 +9,19 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 
+from clipdistill.config import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` = CUDA when there is one; a CUDA device asked for where there is none is one clear line."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {name!r} requested but CUDA is not available here (use --train.device cpu)"
+        )
+    return torch.device(name)
+
 
 @dataclass(frozen=True)
 class DistInfo:

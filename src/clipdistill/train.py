@@ -34,11 +34,12 @@ from clipdistill.checkpoint import (
 )
 from clipdistill.config import ConfigError, RunConfig, TrainConfig, fingerprint, to_dict
 from clipdistill.data.sources import ShardPairs, StepSampler, make_pair_source
-from clipdistill.distributed import DistInfo, all_reduce_mean, init_distributed
+from clipdistill.distributed import DistInfo, all_reduce_mean, init_distributed, resolve_device
 from clipdistill.methods import build_task, method_sections, needs_teacher_cache, reads_teacher_cache
 from clipdistill.methods.comkd import COMKD_METHODS, inductive_pool
 from clipdistill.methods.labelled import labelled_pool
 from clipdistill.models.factory import create_student, create_teacher
+from clipdistill.runs import cache_dir
 
 # Settings that may change between a run and its resume without changing the result.
 RESUME_FREE_KEYS = ("log_every", "ckpt_every", "resume", "tensorboard", "device")
@@ -49,23 +50,8 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"device {name!r} requested but CUDA is not available here (use --train.device cpu)"
-        )
-    return torch.device(name)
-
-
 def output_dir(cfg: RunConfig) -> Path:
     return Path(cfg.run_dir) / (cfg.train.name or cfg.train.method)
-
-
-def cache_dir(cfg: RunConfig) -> Path:
-    """The run's teacher cache; a lab target domain (cross-dataset distillation) has its own."""
-    return Path(cfg.run_dir) / (f"cache_{cfg.data.domain}" if cfg.data.domain else "cache")
 
 
 def data_id(cfg: RunConfig) -> str:
@@ -195,7 +181,25 @@ def training_pool(cfg: RunConfig, size: int, cache: TeacherCache | None) -> np.n
         pool = inductive_pool(cfg, pool)
     if cfg.train.method == "prompt_teacher":
         pool = labelled_pool(cfg, pool)
+    if len(pool) == 0:
+        valid = int(cache.valid[:size].sum()) if cache is not None else size
+        raise ConfigError(
+            f"no sample to train on: {valid} of {size} samples are valid in the teacher cache, none of them "
+            f"in train.subset {cfg.train.subset!r} or the method's pool; see {cache_dir(cfg) / 'report.json'}"
+        )
     return pool
+
+
+def check_batch(batch: dict, step: int) -> None:
+    """A batch in which every sample was skipped stops training with one line (not a conv2d error)."""
+    if len(batch["index"]) == 0:
+        reasons = sorted({reason for reason, _ in batch["skipped"]})
+        examples = [key for _, key in batch["skipped"][:3]]
+        raise ValueError(
+            f"step {step + 1}: every sample of the batch was skipped ({len(batch['skipped'])}: {reasons}, "
+            f"e.g. {examples}); run `clipdistill embed` first so training draws only valid samples, and "
+            "check the data (image paths are read relative to the table's folder)"
+        )
 
 
 def _cache_if_built(cfg: RunConfig) -> TeacherCache | None:
@@ -309,6 +313,7 @@ def train(cfg: RunConfig) -> dict:
         parts_sum: dict[str, float] = {}
         for micro in range(tc.accum_steps):
             batch = next(batches)
+            check_batch(batch, step)
             skipped += len(batch["skipped"])
             if dist_info.world_size > 1:
                 batch = equalize_batch(batch)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from clipdistill.checkpoint import atomic_write, save_npy, write_json
 from clipdistill.config import ConfigError, RunConfig, config_from_dict, fingerprint, to_dict
 from clipdistill.data.lab import LabSplit, load_lab, to_pixels
+from clipdistill.distributed import resolve_device
 from clipdistill.evaluate.linear_probe import linear_probe
 from clipdistill.evaluate.protocols import DOMAIN_SHIFTS, base_novel_split, base_to_novel, domain_shift
 from clipdistill.evaluate.retrieval import retrieval_recall
@@ -23,7 +24,6 @@ from clipdistill.evaluate.zeroshot import predict_with_classifier, zeroshot_accu
 from clipdistill.methods.comkd import TEXT_BANK, load_head
 from clipdistill.methods.prompt_teacher import attach_visual_prompts
 from clipdistill.models.factory import LoadedModel, count_parameters, create_teacher
-from clipdistill.train import resolve_device
 
 PROTOCOLS = ("standard", "base_to_novel", "domain", "all")
 

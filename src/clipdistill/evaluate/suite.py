@@ -32,6 +32,7 @@ from clipdistill.config import ConfigError, RunConfig, config_from_dict
 from clipdistill.data import paper
 from clipdistill.data.classification import collate_labeled
 from clipdistill.data.sources import pil_transform
+from clipdistill.distributed import resolve_device
 from clipdistill.evaluate.linear_probe import linear_probe
 from clipdistill.evaluate.protocols import harmonic_mean
 from clipdistill.evaluate.run import load_trained, text_features
@@ -39,7 +40,6 @@ from clipdistill.evaluate.zeroshot import zeroshot_accuracy, zeroshot_classifier
 from clipdistill.methods.comkd import TEXT_BANK, load_head
 from clipdistill.methods.prompt_teacher import SPLIT, attach_visual_prompts
 from clipdistill.models.factory import LoadedModel
-from clipdistill.train import resolve_device
 
 METRICS = {"base_to_novel": ("base_acc", "novel_acc", "hm"), "linear_probe": ("linear_probe_top1",)}
 DEFAULT_METRICS = ("top1",)
