@@ -17,7 +17,7 @@ from torch import nn
 
 from clipdistill.checkpoint import atomic_write, save_npy, save_state_dict, write_json
 from clipdistill.config import ConfigError, RunConfig
-from clipdistill.methods.comkd import ComkdHead, load_head
+from clipdistill.models.heads import ComkdHead, load_head
 from clipdistill.models.factory import LoadedModel, _resolve_hf_names
 
 FORMATS = ("open_clip", "onnx", "all")
