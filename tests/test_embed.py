@@ -56,8 +56,7 @@ def test_paths_relative_to_the_working_folder_are_refused_with_a_hint(tmp_path, 
     (err,) = [line for line in err.splitlines() if line.startswith("clipdistill embed:")]
     assert "12 of 12 samples were skipped" in err and "12 missing_file" in err
     assert (
-        f"relative to the table's folder {tmp_path / 'lists'}; found 0 of 12 there, 12 relative to the"
-        in err
+        f"relative to the table's folder {tmp_path / 'lists'}; found 0 of 12 there, 12 relative to the" in err
     )
     report = read_json(tmp_path / "run" / "cache" / "report.json")
     assert report["skipped_by_reason"] == {"missing_file": 12}
