@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     kind: str = "lab"  # lab | csv (csv, tsv, parquet) | webdataset | paper (a dataset of the papers' suites)
+    # | folder (eval only: one sub-folder of images per class)
     path: str = ""  # lab: folder of the Fashion-MNIST idx files ("" = Debian's); paper: the suites' root;
     # else table file or shards
     image_key: str = "filepath"
@@ -34,7 +35,9 @@ class DataConfig:
     num_workers: int = 0
     val_size: int = 5000  # lab: images held out of the train split for model selection
     train_size: int = 0  # lab: 0 = every remaining train image
-    classnames: str = ""  # JSON file of class names + templates for zero-shot eval ("" = lab's)
+    label_key: str = ""  # csv: the class column of a labelled table (eval on your own data)
+    split_key: str = "split"  # csv: the column of train/val/test rows, if the table has one
+    classnames: str = ""  # own-data eval: class names, one per line, or JSON {"classnames", "templates"}
     domain: str = ""  # lab: a target domain, every image shifted (inverted, rotated, blurred, ...)
     dataset: str = ""  # paper: the dataset's name (clipdistill.data.paper.DATASETS), its train split is read
     shots: int = 16  # paper: labelled images per base class for ComKD stage 1 (CoOp's draw; 0 = all)

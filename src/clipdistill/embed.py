@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 
 from clipdistill.cache import CacheMeta, TeacherCache, build_cache, teacher_fingerprint
 from clipdistill.checkpoint import read_json, write_json
 from clipdistill.config import RunConfig
+from clipdistill.data.classification import path_hint
 from clipdistill.data.sources import TablePairs, make_pair_source
 from clipdistill.distributed import resolve_device
 from clipdistill.models.factory import create_teacher
@@ -89,23 +89,9 @@ def check_skipped(report: dict, cfg: RunConfig, source) -> None:
 
 
 def relative_path_hint(source) -> str:
-    """Where a table's relative image paths are read from, and whether they exist elsewhere."""
+    """Where a table's relative image paths were read from, and whether they exist elsewhere."""
     if not isinstance(source, TablePairs):
         return ""
     table = source.dataset
     paths = [table.images[i].as_py() or "" for i in range(min(len(table), PATHS_CHECKED))]
-    relative = [p for p in paths if p and not os.path.isabs(p)]
-    if not relative:
-        return ""
-    there = sum((table.root / p).is_file() for p in relative)
-    here = sum(Path(p).is_file() for p in relative)
-    hint = (
-        f"Relative image paths are read relative to the table's folder {table.root}; found {there} of "
-        f"{len(relative)} there"
-    )
-    if here > there:
-        hint += (
-            f", {here} relative to the working folder {Path.cwd()}: write the paths relative to the "
-            "table's folder (or absolute)"
-        )
-    return hint + ". "
+    return path_hint(table.root, paths)

@@ -44,6 +44,7 @@ from clipdistill.runs import cache_dir
 # Settings that may change between a run and its resume without changing the result.
 RESUME_FREE_KEYS = ("log_every", "ckpt_every", "resume", "tensorboard", "device")
 PAPER_DATA_KEYS = ("dataset", "shots")
+EVAL_DATA_KEYS = ("label_key", "split_key")  # read by the own-data eval only, never by training
 
 
 class TrainingDiverged(RuntimeError):
@@ -114,6 +115,8 @@ def _fingerprinted(values: dict) -> dict:
     if values["data"]["kind"] != "paper":  # keys only paper data reads, newer than the others' runs
         for key in PAPER_DATA_KEYS:
             values["data"].pop(key, None)
+    for key in EVAL_DATA_KEYS:
+        values["data"].pop(key, None)
     return values
 
 

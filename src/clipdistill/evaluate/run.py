@@ -1,9 +1,11 @@
-"""The `eval` stage: zero-shot, linear probe and retrieval of a trained model on the lab's test split."""
+"""The `eval` stage: zero-shot, linear probe and retrieval of a trained model on the lab's test split
+(or on your own labelled images: `evaluate/own_data.py`)."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import sys
 import time
 from pathlib import Path
 
@@ -17,13 +19,16 @@ from clipdistill.config import ConfigError, RunConfig, fingerprint, to_dict
 from clipdistill.data.lab import LabSplit, load_lab, to_pixels
 from clipdistill.distributed import resolve_device
 from clipdistill.evaluate.linear_probe import linear_probe
+from clipdistill.evaluate.own_data import evaluate_own_data, markdown
 from clipdistill.evaluate.protocols import DOMAIN_SHIFTS, base_novel_split, base_to_novel, domain_shift
 from clipdistill.evaluate.retrieval import retrieval_recall
 from clipdistill.evaluate.zeroshot import predict_with_classifier, zeroshot_accuracy
 from clipdistill.models.classifier import TrainedClassifier, load_trained  # noqa: F401  (used by stages)
 from clipdistill.models.factory import LoadedModel
+from clipdistill.runs import model_dir, sweep_stale_tmp
 
 PROTOCOLS = ("standard", "base_to_novel", "domain", "all")
+OWN_DATA_KINDS = ("csv", "folder")
 
 
 @torch.no_grad()
@@ -71,7 +76,8 @@ def evaluate_model(cfg: RunConfig, name: str) -> dict:
     """Metrics (percent) of model `name` on the lab, in DESIGN section 7's names."""
     if cfg.data.kind != "lab":
         raise ConfigError(
-            "eval runs on the lab data (data.kind lab); other suites come with the dataset readers"
+            "eval runs on the lab data (data.kind lab), your own labelled images (data.kind csv with "
+            "data.label_key, or folder) or a paper suite (--suite)"
         )
     device = resolve_device(cfg.eval.device)
     start = time.time()
@@ -143,15 +149,26 @@ def evaluate_model(cfg: RunConfig, name: str) -> dict:
 
 
 def run_eval(cfg: RunConfig) -> dict:
-    """Evaluate `cfg.eval.model` and write eval.json + eval.csv into its folder."""
+    """Evaluate `cfg.eval.model` (on the lab, or on your own labelled images for data.kind csv or
+    folder) and write eval.json, eval.csv and eval.md into its folder."""
     name = cfg.eval.model or cfg.train.name or cfg.train.method
-    metrics = evaluate_model(cfg, name)
-    folder = Path(cfg.run_dir) / name
+    folder = model_dir(cfg, name)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "eval.json").unlink(missing_ok=True)  # the done mark: never paired with a newer eval.csv
-    for stale in folder.glob(".eval.*.tmp"):  # half-written files of a killed eval (see atomic_path)
-        stale.unlink()
+    sweep_stale_tmp(folder, ".eval.*.tmp")  # half-written files of a killed eval
+    if cfg.data.kind in OWN_DATA_KINDS:
+        start = time.time()
+        metrics = evaluate_own_data(cfg, name, resolve_device(cfg.eval.device))
+        metrics["eval_seconds"] = round(time.time() - start, 2)
+        where = cfg.data.path
+    else:
+        metrics = evaluate_model(cfg, name)
+        where = f"the {cfg.data.kind} test split"
+    if metrics.get("note"):
+        print(f"clipdistill eval: note: {metrics['note']}", file=sys.stderr)
     atomic_write(folder / "eval.csv", lambda tmp: _write_csv(tmp, {"model": name, **metrics}))
+    table = markdown(name, where, metrics)
+    atomic_write(folder / "eval.md", lambda tmp: tmp.write_text(table))
     write_json(folder / "eval.json", metrics)  # last: written only once everything else is
     return metrics
 
