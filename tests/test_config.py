@@ -115,3 +115,8 @@ def test_train_writes_the_resolved_config(tiny_config):
     written = yaml.safe_load((Path(cfg.run_dir) / "clip" / "config.yaml").read_text())
     assert config_from_dict(written) == cfg
     assert written["train"]["lr"] == 1e-3 and written["teacher"]["name"] == "lab-student-tiny"
+
+
+def test_a_mistyped_key_names_the_close_one():
+    with pytest.raises(ConfigError, match=r"caption_kye: did you mean 'caption_key'\?"):
+        load_config(None, ["--data.caption_kye", "title"])

@@ -20,7 +20,7 @@ from own_data import write_table
 def _args(run_dir, table, *extra):
     return [
         "--run_dir", str(run_dir), "--data.kind", "csv", "--data.path", str(table),
-        "--data.caption_key", "title", "--teacher.name", "lab-student-tiny",
+        "--data.caption_key", "title", "--teacher.name", "lab-student-tiny", "--teacher.pretrained", "random",
         "--student.name", "lab-student-tiny", "--embed.device", "cpu", "--embed.batch_size", "8",
         "--train.device", "cpu", "--train.batch_size", "4", "--train.steps", "2",
         "--cluster.n_clusters", "3", *extra,

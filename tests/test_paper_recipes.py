@@ -24,7 +24,7 @@ CID = PAPER / "cid_vitl14_to_vitb32.yaml"
 COMKD = PAPER / "comkd_vitl14_to_vitb16.yaml"
 PROMPTKD = PAPER / "promptkd_baseline.yaml"
 TINY = (
-    "--teacher.name", "lab-student-tiny", "--teacher.pretrained", "",
+    "--teacher.name", "lab-student-tiny", "--teacher.pretrained", "random",
     "--student.name", "lab-student-tiny", "--student.pretrained", "",
     "--train.device", "cpu", "--embed.device", "cpu", "--eval.device", "cpu",
 )  # fmt: skip

@@ -7,6 +7,7 @@ error each, and the resolved config is written next to every stage's outputs.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import types
@@ -255,7 +256,11 @@ def _build(cls: type, values: dict, where: str, base: Any = None) -> Any:
     types_ = _field_types(cls)
     unknown = sorted(set(values) - set(types_))
     if unknown:
-        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known keys are {sorted(types_)}")
+        close = {k: difflib.get_close_matches(k, types_, n=1) for k in unknown}
+        hints = "".join(f" ({k}: did you mean {m[0]!r}?)" for k, m in close.items() if m)
+        raise ConfigError(
+            f"{where or 'config'}: unknown key(s) {unknown}{hints}; known keys are {sorted(types_)}"
+        )
     base = base if base is not None else cls()
     kwargs = {}
     for name, typ in types_.items():

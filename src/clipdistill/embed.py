@@ -27,7 +27,7 @@ def run_embed(cfg: RunConfig) -> dict:
     """Build (or finish) the run's teacher cache; refuses a cache from another teacher or other data,
     and data whose samples were mostly skipped."""
     device = resolve_device(cfg.embed.device)
-    teacher = create_teacher(cfg.teacher)
+    teacher = create_teacher(cfg.teacher, lab_data=cfg.data.kind == "lab")
     teacher.model.to(device)
     source = make_pair_source(cfg.data, teacher.tokenizer, teacher.preprocess)
     width = teacher.model.encode_text(teacher.tokenizer(["x"]).to(device)).shape[-1]

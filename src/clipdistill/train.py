@@ -160,6 +160,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def load_model_for(cfg: RunConfig):
+    if cfg.train.role == "teacher" and cfg.train.method == "prompt_teacher":  # frozen: only prompts train
+        return create_teacher(cfg.teacher, lab_data=cfg.data.kind == "lab")
     if cfg.train.role == "teacher":
         return create_teacher(cfg.teacher, trainable=True)
     if cfg.train.role == "student":

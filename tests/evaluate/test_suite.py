@@ -30,7 +30,10 @@ CLASSES = {
     "dtd": ["banded", "dotted", "striped"],  # base 2 (ceil), new 1
 }
 COLOURS = [(230, 20, 20), (20, 200, 30), (30, 40, 220), (240, 240, 20), (200, 30, 220)]
-TINY = ["--teacher.name", "lab-student-tiny", "--student.name", "lab-student-tiny", "--eval.device", "cpu"]
+TINY = [
+    "--teacher.name", "lab-student-tiny", "--teacher.pretrained", "random",
+    "--student.name", "lab-student-tiny", "--eval.device", "cpu",
+]  # fmt: skip
 
 
 def write_coop_dataset(root: Path, name: str, per_split: int = 2) -> None:

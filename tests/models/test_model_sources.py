@@ -157,6 +157,17 @@ def test_a_teacher_without_weights_is_refused(tmp_path, table, source_model, hub
     assert "does not fit" in err
 
 
+def test_the_lab_models_teach_without_weights_only_on_the_lab_or_when_asked(tmp_path, table, capsys):
+    """The default teacher (`lab-teacher`, trained here by the lab) on your own data, without weights:
+    refused; `--teacher.pretrained random` asks for a random stand-in and the cache says so."""
+    assert "'lab-teacher' has no pretrained weights" in _one_line_error(
+        tmp_path, table, "lab-teacher", "", capsys
+    )
+    cfg = load_config(None, _embed_args(tmp_path / "stand_in", table, "lab-student-tiny", "random"))
+    run_embed(cfg)
+    assert TeacherCache(tmp_path / "stand_in" / "cache").meta.model_id == "lab-student-tiny@random"
+
+
 def test_a_local_dir_without_weights_is_refused_for_a_student_too(tmp_path, source_model):
     empty = open_clip_folder(tmp_path / "no_weights", source_model, tiny_model_config(), None)
     with pytest.raises(ModelLoadError, match="holds no weights"):

@@ -31,7 +31,7 @@ from clipdistill.runs import model_dir
 def load_trained(cfg: RunConfig, name: str) -> LoadedModel:
     """The model a `train` run produced (or the configured teacher for name == "teacher"), frozen."""
     if name == "teacher":
-        return create_teacher(cfg.teacher)
+        return create_teacher(cfg.teacher, lab_data=cfg.data.kind == "lab")
     folder = model_dir(cfg, name)
     weights = folder / "model.safetensors"
     if not weights.is_file():

@@ -32,6 +32,7 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 # open_clip's weight file names in a model folder (hf-hub: or local-dir:), safetensors first
 FOLDER_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.bin")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+RANDOM = "random"  # `--teacher.pretrained random`: a randomly initialised stand-in, asked for by name
 DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP
 DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -216,7 +217,8 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
     if name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
         if pretrained and not _looks_like_file(pretrained):
             raise ModelLoadError(
-                f"{name} carries its own weights; pretrained {pretrained!r} is neither empty nor a file"
+                f"{name} carries its own weights: --teacher.pretrained takes a file here, not the tag "
+                f"{pretrained!r} (tags go with an open_clip model name)"
             )
         if name.startswith(HF_HUB_PREFIX):
             repo = name.removeprefix(HF_HUB_PREFIX)
@@ -225,7 +227,8 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
         else:
             folder = Path(name.removeprefix(LOCAL_DIR_PREFIX)).expanduser()
             if not folder.is_dir():
-                raise ModelLoadError(f"{name}: {folder} is not a folder")
+                where = "" if folder.is_absolute() else f" in the working folder {Path.cwd()}"
+                raise ModelLoadError(f"{name}: {folder} is not a folder{where}")
             source = _from_folder(folder, f"{LOCAL_DIR_PREFIX}{folder.resolve()}")
         if pretrained:
             source.weights, source.model_id = pretrained, f"{source.model_id}+{Path(pretrained).name}"
@@ -236,6 +239,8 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
             )
         return source
     config = load_model_config(name)
+    if pretrained == RANDOM:
+        return ModelSource(config, "", "", f"{name}@{RANDOM}")
     if pretrained and not _looks_like_file(pretrained):
         pre = open_clip.get_pretrained_cfg(name, pretrained) or {}
         if "mean" in pre:
@@ -292,7 +297,8 @@ def _load_open_clip_pretrained(name: str, tag: str) -> nn.Module:
 def load_weights(model: nn.Module, path: str, name: str) -> None:
     """Exactly the weights in `path`: every key of the model, none more, each of its shape."""
     if not Path(path).is_file():
-        raise ModelLoadError(f"checkpoint {path} does not exist (did its training stage run?)")
+        where = "" if Path(path).is_absolute() else f" in the working folder {Path.cwd()}"
+        raise ModelLoadError(f"checkpoint {path} does not exist{where} (did its training stage run?)")
     state = load_state_dict(path)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -310,11 +316,11 @@ def create_model(cfg: ModelConfig, require_weights: bool = False) -> LoadedModel
     """Build the model `cfg` names and load exactly its weights, if it names any (`require_weights`:
     refuse, before building anything, a model named without weights)."""
     source = resolve_source(cfg)
-    if require_weights and not (source.tag or source.weights):
+    if require_weights and not (source.tag or source.weights or cfg.pretrained == RANDOM):
         raise ModelLoadError(
             f"teacher {cfg.name!r} has no pretrained weights: pass --teacher.pretrained FILE or a name "
             "that carries weights (hf-hub:ORG/NAME, local-dir:FOLDER, an open_clip name with "
-            "--teacher.pretrained TAG)"
+            f"--teacher.pretrained TAG); --teacher.pretrained {RANDOM} asks for a random stand-in"
         )
     if source.tag:
         model = _load_open_clip_pretrained(cfg.name, source.tag)
@@ -347,12 +353,14 @@ def is_lab_model(name: str) -> bool:
     return (CONFIG_DIR / f"{name}.json").is_file()
 
 
-def create_teacher(cfg: ModelConfig, trainable: bool = False) -> LoadedModel:
+def create_teacher(cfg: ModelConfig, trainable: bool = False, lab_data: bool = False) -> LoadedModel:
     """A teacher is frozen and in eval mode unless it is the one being trained (the lab's LiT teacher).
 
     A frozen teacher without loaded weights would distil noise and report success: refused, except
-    the lab's shipped models, which are trained here."""
-    loaded = create_model(cfg, require_weights=not trainable and not is_lab_model(cfg.name))
+    a shipped lab model on the lab's data (`lab_data`: its teacher is trained here, its tests use
+    untrained stand-ins) or `pretrained: random`, which asks for one by name."""
+    stand_in = trainable or (lab_data and is_lab_model(cfg.name))
+    loaded = create_model(cfg, require_weights=not stand_in)
     if not trainable:
         loaded.model.eval().requires_grad_(False)
     return loaded
