@@ -46,7 +46,10 @@ def test_teacher_on_a_labelled_table(tmp_path, data, teacher_dir):
     cfg = load_config(
         None, _args(tmp_path, data, "--eval.model", "teacher", "--teacher.name", f"local-dir:{teacher_dir}")
     )
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / ".eval.csv.killed.tmp").write_text("half")  # a killed eval's leftover
     metrics = run_eval(cfg)
+    assert not list((tmp_path / "teacher").glob(".*.tmp"))
     assert metrics["classifier"] == "zeroshot" and metrics["classes"] == 3
     assert metrics["test_images"] == 12 and metrics["train_images"] == 12  # the seeded half
     for key in (
@@ -140,7 +143,7 @@ def test_a_text_bank_is_looked_up_by_class_name(tmp_path, data):
     scorer = TrainedClassifier(cfg, "pt")
     own = read_labelled(cfg)
     feats, rows, _ = _features(scorer, own, "test", cfg)
-    labels = torch.from_numpy(own.labels)[rows]
+    labels = torch.tensor(own.labels)[rows]
     bank = torch.stack([feats[labels == c].mean(0) for c in range(3)])
     np.save(tmp_path / "pt" / TEXT_BANK, bank.flip(0).numpy())
     (tmp_path / "pt" / SPLIT).write_text(json.dumps({"classnames": own.classnames[::-1]}))

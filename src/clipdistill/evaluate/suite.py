@@ -34,6 +34,7 @@ from clipdistill.evaluate.linear_probe import linear_probe
 from clipdistill.evaluate.protocols import harmonic_mean
 from clipdistill.evaluate.zeroshot import zeroshot_accuracy
 from clipdistill.models.classifier import TrainedClassifier
+from clipdistill.runs import sweep_stale_tmp
 
 METRICS = {"base_to_novel": ("base_acc", "novel_acc", "hm"), "linear_probe": ("linear_probe_top1",)}
 DEFAULT_METRICS = ("top1",)
@@ -194,6 +195,8 @@ def run_suite(cfg: RunConfig) -> dict:
     ]
     if missing:
         raise ConfigError(f"eval suite {ec.suite}: no trained model at " + ", ".join(missing))
+    folder = Path(cfg.run_dir) if per_dataset else Path(cfg.run_dir) / model
+    sweep_stale_tmp(folder, f".suite_{ec.suite}.*.tmp")  # half-written files of a killed run
     opened = open_datasets(ec.suite, names, ec.suite_root)
     device = resolve_device(ec.device)
     start, rows, skipped = time.time(), [], 0
@@ -217,7 +220,6 @@ def run_suite(cfg: RunConfig) -> dict:
         "skipped_images": skipped,
         "eval_seconds": round(time.time() - start, 2),
     }
-    folder = Path(cfg.run_dir) if per_dataset else Path(cfg.run_dir) / model
     folder.mkdir(parents=True, exist_ok=True)
     table = markdown(ec.suite, model, rows, avg)
     atomic_write(folder / f"suite_{ec.suite}.md", lambda tmp: tmp.write_text(table))
