@@ -215,7 +215,7 @@ def test_stage2_never_reads_a_label(tiny_cache, prompted, tmp_path, monkeypatch)
 
 def test_visual_prompts_change_only_the_prompted_features():
     torch.manual_seed(0)
-    model = create_teacher(ModelConfig(name="lab-student-tiny")).model
+    model = create_teacher(ModelConfig(name="lab-student-tiny", pretrained="random")).model
     x = torch.randn(3, 3, 32, 32)
     empty = VisualPromptLearner(model.visual, depth=1, n_tokens=0)
     assert torch.allclose(empty(model.visual, x), model.encode_image(x), atol=1e-5)  # no prompts: plain ViT
