@@ -18,8 +18,8 @@ from clipdistill.checkpoint import save_state_dict
 from clipdistill.config import RunConfig, to_dict
 from clipdistill.evaluate.run import load_trained
 from clipdistill.export import export_onnx, export_open_clip, run_export
-from clipdistill.methods.comkd import ComkdHead, comkd_settings, load_head
 from clipdistill.models.factory import create_model
+from clipdistill.models.heads import ComkdHead, comkd_settings, load_head
 from conftest import run_cli
 
 TEXTS = ["a photo of a cat.", "a sandal", "an ankle boot on a white background"]

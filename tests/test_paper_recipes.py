@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from clipdistill.config import RunConfig, load_config
 from clipdistill.data.paper import SUITES
 from clipdistill.methods import build_task
-from clipdistill.methods.comkd import comkd_settings
 from clipdistill.models.factory import create_student, create_teacher, load_model_config
+from clipdistill.models.heads import comkd_settings
 from clipdistill.train import make_optimizer
 
 PAPER = Path(__file__).parents[1] / "configs" / "paper"
@@ -24,7 +24,7 @@ CID = PAPER / "cid_vitl14_to_vitb32.yaml"
 COMKD = PAPER / "comkd_vitl14_to_vitb16.yaml"
 PROMPTKD = PAPER / "promptkd_baseline.yaml"
 TINY = (
-    "--teacher.name", "lab-student-tiny", "--teacher.pretrained", "",
+    "--teacher.name", "lab-student-tiny", "--teacher.pretrained", "random",
     "--student.name", "lab-student-tiny", "--student.pretrained", "",
     "--train.device", "cpu", "--embed.device", "cpu", "--eval.device", "cpu",
 )  # fmt: skip

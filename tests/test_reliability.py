@@ -101,7 +101,7 @@ def _corpus(folder: Path) -> tuple[Path, dict[str, str]]:
 def _csv_args(run_dir: Path, csv: Path, *extra: str) -> list[str]:
     return tiny_overrides(
         run_dir,
-        "--teacher.pretrained", "",
+        "--teacher.pretrained", "random",
         "--data.kind", "csv",
         "--data.path", str(csv),
         "--data.id_key", "key",
@@ -199,7 +199,7 @@ def test_cut_shard_in_the_corpus_embed_then_train(tmp_path, capsys):
     run_dir = tmp_path / "run"
     args = tiny_overrides(
         run_dir,
-        "--teacher.pretrained", "",
+        "--teacher.pretrained", "random",
         "--data.kind", "webdataset",
         "--data.path", pattern,
         "--embed.shard_size", "16",

@@ -88,7 +88,7 @@ def test_resume_with_another_config_is_refused_before_any_work(tiny_config, monk
         train(tiny_config())  # stops right after the step-2 checkpoint
     monkeypatch.setattr(train_module, "save_training_state", save)
 
-    def no_work(cfg):
+    def no_work(cfg, task_cls):
         raise AssertionError("the model was built before the config was checked")
 
     monkeypatch.setattr(train_module, "load_model_for", no_work)
@@ -162,7 +162,7 @@ def test_outputs_and_metrics(tiny_config):
 def test_done_json_makes_a_rerun_return_at_once(tiny_config, monkeypatch):
     first = train(tiny_config())
 
-    def no_work(cfg):
+    def no_work(cfg, task_cls):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(train_module, "load_model_for", no_work)

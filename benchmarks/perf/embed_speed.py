@@ -32,7 +32,7 @@ def bare_encode(teacher, images: list[torch.Tensor]) -> float:
 
 def embed_times(cfg: RunConfig, repeats: int) -> dict[str, float]:
     """Median seconds over the same samples: `embed` (image and text) and `bare` (images only)."""
-    teacher = create_teacher(cfg.teacher)
+    teacher = create_teacher(cfg.teacher, lab_data=cfg.data.kind == "lab")
     source = make_pair_source(cfg.data, teacher.tokenizer, teacher.preprocess)
     size = cfg.embed.batch_size
     images = [

@@ -62,7 +62,8 @@ def step_times(cfg: RunConfig, repeats: int, distinct_batches: int = 4) -> dict[
     student = create_student(cfg.student)
     batches = lab_batches(cfg, student.tokenizer, student.preprocess, distinct_batches)
     # A live teacher sees every caption fresh, as on a real corpus: no LiT memo of repeated lab captions.
-    teacher = create_teacher(replace(cfg, {"teacher.lock_text": False}).teacher)
+    live_teacher_cfg = replace(cfg, {"teacher.lock_text": False})
+    teacher = create_teacher(live_teacher_cfg.teacher, lab_data=cfg.data.kind == "lab")
     teacher_batches = lab_batches(cfg, teacher.tokenizer, teacher.preprocess, distinct_batches)
     runners = {"clip": make_step(cfg, None)}
     for method in CACHED:

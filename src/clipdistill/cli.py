@@ -21,7 +21,8 @@ STAGES = {
     "balance": "image semantic balance of the cache: kept ids (perceptual + semantic dedup)",
     "cluster": "k-means on the cached teacher embeddings: centroids and labels for cid",
     "train": "train a model with a method (clip, and the distillation recipes)",
-    "eval": "zero-shot, linear probe and retrieval of a trained model (--protocol: base/novel, domain; "
+    "eval": "zero-shot, linear probe and retrieval of a trained model on the lab or your labelled images "
+    "(data.kind csv/folder; --protocol: base/novel, domain; "
     "--suite: a paper suite's datasets)",
     "demo": "the whole lab end to end: teacher, cache, students, evaluation, results table",
     "bench": "the full lab grid over 3 seeds in runs/bench: results.json, results.md, plots",

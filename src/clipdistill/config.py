@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 import types
@@ -26,7 +27,7 @@ class ConfigError(ValueError):
 
 
 # The choices of a field, checked when the config loads (before any model loads).
-DataKind = Literal["lab", "csv", "webdataset", "paper"]
+DataKind = Literal["lab", "csv", "webdataset", "paper", "folder"]
 Domain = Literal["", "inverted", "rotated", "blurred", "low_contrast", "noise"]  # data/shifts.py
 Role = Literal["student", "teacher"]
 Method = Literal[  # methods/__init__.py registers one Task per name
@@ -42,7 +43,8 @@ ExportFormat = Literal["open_clip", "onnx", "all"]
 
 @dataclass
 class DataConfig:
-    kind: DataKind = "lab"  # csv: csv, tsv or parquet; paper: a dataset of the papers' suites
+    kind: DataKind = "lab"  # csv: csv, tsv or parquet; paper: a dataset of the papers' suites;
+    # folder: one sub-folder of images per class (eval only)
     path: str = ""  # lab: folder of the Fashion-MNIST idx files ("" = Debian's); paper: the suites' root;
     # else table file or shards
     image_key: str = "filepath"
@@ -52,7 +54,9 @@ class DataConfig:
     num_workers: int = 0
     val_size: int = 5000  # lab: images held out of the train split for model selection
     train_size: int = 0  # lab: 0 = every remaining train image
-    classnames: str = ""  # JSON file of class names + templates for zero-shot eval ("" = lab's)
+    label_key: str = ""  # csv: the class column of a labelled table (eval on your own data)
+    split_key: str = "split"  # csv: the column of train/val/test rows, if the table has one
+    classnames: str = ""  # own-data eval: class names, one per line, or JSON {"classnames", "templates"}
     domain: Domain = ""  # lab: a target domain, every image shifted (inverted, rotated, blurred, ...)
     dataset: str = ""  # paper: the dataset's name (clipdistill.data.paper.DATASETS), its train split is read
     shots: int = 16  # paper: labelled images per base class for ComKD stage 1 (CoOp's draw; 0 = all)
@@ -94,6 +98,7 @@ class EmbedConfig:
     batch_size: int = 256
     shard_size: int = 8192
     device: str = "auto"
+    max_skip_fraction: float = 0.5  # more skipped samples than this stops `embed` (the data is wrong)
 
 
 @dataclass
@@ -273,7 +278,11 @@ def _build(cls: type, values: dict, where: str, base: Any = None) -> Any:
     types_ = _field_types(cls)
     unknown = sorted(set(values) - set(types_))
     if unknown:
-        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known keys are {sorted(types_)}")
+        close = {k: difflib.get_close_matches(k, types_, n=1) for k in unknown}
+        hints = "".join(f" ({k}: did you mean {m[0]!r}?)" for k, m in close.items() if m)
+        raise ConfigError(
+            f"{where or 'config'}: unknown key(s) {unknown}{hints}; known keys are {sorted(types_)}"
+        )
     base = base if base is not None else cls()
     kwargs = {}
     for name, typ in types_.items():

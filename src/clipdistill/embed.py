@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from clipdistill.cache import CacheMeta, TeacherCache, build_cache, teacher_fingerprint
-from clipdistill.checkpoint import write_json
+from clipdistill.checkpoint import read_json, write_json
 from clipdistill.config import RunConfig
-from clipdistill.data.sources import make_pair_source
+from clipdistill.data.classification import path_hint
+from clipdistill.data.sources import TablePairs, make_pair_source
 from clipdistill.distributed import resolve_device
 from clipdistill.models.factory import create_teacher
 from clipdistill.runs import cache_dir, data_id
 
+EXAMPLES_PER_REASON = 5
+PATHS_CHECKED = 2000  # table rows whose image path is looked up for the relative-path hint
+
+
+class TooManySkipped(ValueError):
+    """`embed` skipped more samples than `embed.max_skip_fraction`: the data, not a few files, is wrong."""
+
 
 def run_embed(cfg: RunConfig) -> dict:
-    """Build (or finish) `<run_dir>/cache`; refuses a cache from another teacher or other data."""
+    """Build (or finish) the run's teacher cache; refuses a cache from another teacher or other data,
+    and data whose samples were mostly skipped."""
     device = resolve_device(cfg.embed.device)
-    teacher = create_teacher(cfg.teacher)
+    teacher = create_teacher(cfg.teacher, lab_data=cfg.data.kind == "lab")
     teacher.model.to(device)
     source = make_pair_source(cfg.data, teacher.tokenizer, teacher.preprocess)
     width = teacher.model.encode_text(teacher.tokenizer(["x"]).to(device)).shape[-1]
@@ -35,10 +45,52 @@ def run_embed(cfg: RunConfig) -> dict:
     report = build_cache(folder, meta, teacher.model, source, cfg.embed.batch_size, device)
     cache = TeacherCache(folder)
     report |= {
+        "teacher": meta.model_id,
         "num_samples": len(cache),
         "valid_samples": int(cache.valid.sum()),
         "skipped_total": int((~cache.valid).sum()),
         "fingerprint": meta.fingerprint,
     }
+    report |= skip_summary(folder, meta.num_shards)
     write_json(Path(folder) / "report.json", report)
+    check_skipped(report, cfg, source)
     return report
+
+
+def skip_summary(folder: Path, num_shards: int) -> dict:
+    """Skipped samples per reason and the first few ids of each, from the shards' records."""
+    counts: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {}
+    for s in range(num_shards):
+        for reason, key in read_json(Path(folder) / f"shard_{s:05d}.json")["skipped"]:
+            counts[reason] += 1
+            if len(examples.setdefault(reason, [])) < EXAMPLES_PER_REASON:
+                examples[reason].append(key)
+    return {"skipped_by_reason": dict(counts.most_common()), "skipped_examples": examples}
+
+
+def check_skipped(report: dict, cfg: RunConfig, source) -> None:
+    """Stop with one line when more than `embed.max_skip_fraction` of the samples were skipped."""
+    total, skipped = report["num_samples"], report["skipped_total"]
+    if total and skipped <= cfg.embed.max_skip_fraction * total:
+        return
+    reasons = ", ".join(
+        f"{n} {reason} (e.g. {', '.join(report['skipped_examples'].get(reason, [])[:3])})"
+        for reason, n in report["skipped_by_reason"].items()
+    )
+    hint = relative_path_hint(source) if report["skipped_by_reason"].get("missing_file") else ""
+    raise TooManySkipped(
+        f"{skipped} of {total} samples were skipped, more than embed.max_skip_fraction "
+        f"{cfg.embed.max_skip_fraction}: {reasons or 'no sample at all'}. {hint}"
+        f"Fix the data and rerun (delete {cache_dir(cfg)} first: its shards are kept), or raise "
+        "--embed.max_skip_fraction; per-reason ids are in report.json"
+    )
+
+
+def relative_path_hint(source) -> str:
+    """Where a table's relative image paths were read from, and whether they exist elsewhere."""
+    if not isinstance(source, TablePairs):
+        return ""
+    table = source.dataset
+    paths = [table.images[i].as_py() or "" for i in range(min(len(table), PATHS_CHECKED))]
+    return path_hint(table.root, paths)

@@ -17,8 +17,8 @@ from torch import nn
 
 from clipdistill.checkpoint import atomic_write, save_npy, save_state_dict, write_json
 from clipdistill.config import RunConfig
-from clipdistill.methods.comkd import ComkdHead, load_head
 from clipdistill.models.factory import LoadedModel, _resolve_hf_names
+from clipdistill.models.heads import ComkdHead, load_head
 from clipdistill.runs import model_dir, model_name, sweep_temps
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")

@@ -18,21 +18,31 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clipdistill.checkpoint import atomic_write
-from clipdistill.config import ConfigError, load_config
+from clipdistill.config import ConfigError, ModelConfig, load_config
 from clipdistill.data.images import BadSample, decode_image
 from clipdistill.data.sources import pil_transform
-from clipdistill.methods.comkd import ComkdHead
-from clipdistill.models.factory import LoadedModel, ModelLoadError, Preprocess, build_tokenizer
+from clipdistill.models.classifier import TrainedClassifier, load_trained
+from clipdistill.models.factory import (
+    LoadedModel,
+    ModelLoadError,
+    Preprocess,
+    build_tokenizer,
+    create_teacher,
+)
+from clipdistill.models.heads import ComkdHead, load_head
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TEMPLATE = "a photo of a {}."
 
 
 class TorchBackend:
-    """A trained model (and ComKD head) in PyTorch, on the CPU."""
+    """A trained model (and ComKD head) in PyTorch, on the CPU; from a run folder, its classifier
+    (`TrainedClassifier`: zero-shot, a prompt-tuned text bank or a ComKD head) picks the classes."""
 
-    def __init__(self, loaded: LoadedModel, head: ComkdHead | None = None) -> None:
-        self.loaded, self.head = loaded, head
+    def __init__(
+        self, loaded: LoadedModel, head: ComkdHead | None = None, scorer: TrainedClassifier | None = None
+    ) -> None:
+        self.loaded, self.head, self.scorer = loaded, head, scorer
         self.preprocess = loaded.preprocess
         self.logit_scale = float(loaded.model.logit_scale.exp())
         self.bank = head.text_bank.float().numpy() if head is not None else None
@@ -134,8 +144,15 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def predict(backend, files: list[Path], labels: list[str], batch_size: int = 64) -> dict:
     """Zero-shot probabilities over `labels` for each image; a ComKD student scores them with its
-    head against the stored class-text bank, so its labels must name the bank's classes in order."""
-    if backend.bank is not None:
+    head against the stored class-text bank: by name when the bank's names are known (a trained run
+    folder), else its labels must name the bank's classes in order."""
+    scorer = getattr(backend, "scorer", None)
+    note = ""
+    if scorer is not None:
+        weights, note = scorer.weights(labels, [TEMPLATE.replace("{}", "{c}")], by_position=True)
+        classes = weights.T.numpy()
+        scale = backend.bank_scale if backend.head is not None else backend.logit_scale
+    elif backend.bank is not None:
         if len(labels) != len(backend.bank):
             raise ValueError(
                 f"this ComKD student classifies into the {len(backend.bank)} classes of its text bank: "
@@ -156,7 +173,7 @@ def predict(backend, files: list[Path], labels: list[str], batch_size: int = 64)
             rows.append(
                 {"image": str(path), "label": labels[best], "prob": round(float(p[best]), 6), "probs": probs}
             )
-    return {"predictions": rows, "skipped": skipped}
+    return {"predictions": rows, "skipped": skipped} | ({"note": note} if note else {})
 
 
 def embed_images(backend, folder: str | Path, out: str | Path, batch_size: int = 64) -> dict:
@@ -187,18 +204,8 @@ def load_backend(model: str, backend: str, config: str | None, run_dir: str | No
     path = Path(model)
     if (path / "preprocess.json").is_file():
         return OnnxBackend(path)
-    if (path / "open_clip_config.json").is_file():
-        import open_clip
-
-        oc = json.loads((path / "open_clip_config.json").read_text())
-        pre = oc["preprocess_cfg"]
-        net = open_clip.create_model("local-dir:" + str(path)).eval().requires_grad_(False)
-        tokenizer = open_clip.get_tokenizer("local-dir:" + str(path))
-        preprocess = Preprocess(int(pre["size"]), tuple(pre["mean"]), tuple(pre["std"]))
-        return TorchBackend(LoadedModel(net, tokenizer, preprocess, oc["model_cfg"], str(path)))
-    from clipdistill.evaluate.run import load_trained
-    from clipdistill.methods.comkd import load_head
-
+    if (path / "open_clip_config.json").is_file():  # exactly the folder's weights, or one clear line
+        return TorchBackend(create_teacher(ModelConfig(name=f"local-dir:{path}")))
     cfg = load_config(config, ["--run_dir", run_dir] if run_dir else [])
     if backend == "onnx":
         folder = Path(cfg.run_dir) / model / "export" / "onnx"
@@ -208,8 +215,8 @@ def load_backend(model: str, backend: str, config: str | None, run_dir: str | No
             head = load_head(Path(cfg.run_dir) / model) if model != "teacher" else None
             export_onnx(load_trained(cfg, model), folder, head)
         return OnnxBackend(folder)
-    head = load_head(Path(cfg.run_dir) / model) if model != "teacher" else None
-    return TorchBackend(load_trained(cfg, model), head)
+    scorer = TrainedClassifier(cfg, model)
+    return TorchBackend(scorer.loaded, scorer.head, scorer)
 
 
 def _table(result: dict) -> str:

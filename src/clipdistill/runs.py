@@ -62,4 +62,4 @@ def find_run(cfg: RunConfig, name: str, needed: str) -> Path | None:
 def sweep_temps(folder: Path, pattern: str = ".*.tmp") -> None:
     """Delete the half-written files of a killed run (see `checkpoint.atomic_path`): never read, garbage."""
     for stale in Path(folder).glob(pattern):
-        stale.unlink()
+        stale.unlink(missing_ok=True)

@@ -46,6 +46,7 @@ from clipdistill.runs import cache_dir, data_id, output_dir, run_path, sweep_tem
 # Settings that may change between a run and its resume without changing the result.
 RESUME_FREE_KEYS = ("log_every", "ckpt_every", "resume", "tensorboard", "device")
 PAPER_DATA_KEYS = ("dataset", "shots")
+EVAL_DATA_KEYS = ("label_key", "split_key")  # read by the own-data eval only, never by training
 
 
 class TrainingDiverged(RuntimeError):
@@ -99,6 +100,8 @@ def _fingerprinted(values: dict) -> dict:
             values["data"].pop(key, None)
     for model in ("teacher", "student"):  # a key that was never read, since removed: older runs still match
         values[model].setdefault("precision", "fp32")
+    for key in EVAL_DATA_KEYS:
+        values["data"].pop(key, None)
     return values
 
 
@@ -146,7 +149,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def load_model_for(cfg: RunConfig):
+def load_model_for(cfg: RunConfig, task_cls: type[Task]):
+    if cfg.train.role == "teacher" and task_cls.adapts_pretrained_teacher:
+        return create_teacher(cfg.teacher, lab_data=cfg.data.kind == "lab")
     if cfg.train.role == "teacher":
         return create_teacher(cfg.teacher, trainable=True)
     return create_student(cfg.student)
@@ -215,6 +220,18 @@ def seed_everything(tc: TrainConfig) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+def check_batch(batch: dict, step: int) -> None:
+    """A batch in which every sample was skipped stops training with one line (not a conv2d error)."""
+    if len(batch["index"]) == 0:
+        reasons = sorted({reason for reason, _ in batch["skipped"]})
+        examples = [key for _, key in batch["skipped"][:3]]
+        raise ValueError(
+            f"step {step + 1}: every sample of the batch was skipped ({len(batch['skipped'])}: {reasons}, "
+            f"e.g. {examples}); run `clipdistill embed` first so training draws only valid samples, and "
+            "check the data (image paths are read relative to the table's folder)"
+        )
+
+
 def _cache_if_built(cfg: RunConfig) -> TeacherCache | None:
     """The run's finished teacher cache of this data, if any: its validity keeps the bad samples `embed`
     found out of the pool of methods that do not read the cache (so batches stay full)."""
@@ -248,7 +265,14 @@ def training_pool(cfg: RunConfig, task: Task, size: int, cache: TeacherCache | N
             raise ConfigError(f"train.subset {path} does not exist (run `clipdistill balance` first)")
         keep = np.load(path, allow_pickle=False)
         pool = np.intersect1d(pool, keep)
-    return task.training_pool(pool)
+    pool = task.training_pool(pool)
+    if len(pool) == 0:
+        valid = int(cache.valid[:size].sum()) if cache is not None else size
+        raise ConfigError(
+            f"no sample to train on: {valid} of {size} samples are valid in the teacher cache, none of them "
+            f"in train.subset {cfg.train.subset!r} or the method's pool; see {cache_dir(cfg) / 'report.json'}"
+        )
+    return pool
 
 
 @dataclass
@@ -290,6 +314,7 @@ def train_step(trainer: Trainer, batches: Iterator[dict], step: int) -> StepResu
     skipped = 0
     for micro in range(tc.accum_steps):
         batch = next(batches)
+        check_batch(batch, step)
         skipped += len(batch["skipped"])
         if trainer.world_size > 1:
             batch = equalize_batch(batch)
@@ -318,8 +343,8 @@ def train_step(trainer: Trainer, batches: Iterator[dict], step: int) -> StepResu
 
 def build(cfg: RunConfig, run: Run) -> tuple[Trainer, object, np.ndarray]:
     """The model, the task of `train.method` around it, its cache, the data and the pool it trains on."""
-    loaded = load_model_for(cfg)
     task_cls = task_class(cfg.train.method)
+    loaded = load_model_for(cfg, task_cls)
     cache = load_cache(cfg, task_cls.cache_use)
     task = task_cls.from_config(cfg, loaded.model, cache).to(run.device)
     source = make_pair_source(cfg.data, loaded.tokenizer, loaded.preprocess)

@@ -39,7 +39,8 @@ def shards(tmp_path):
 def _cfg(tmp_path, shards, *extra):
     return load_config(None, [
         "--run_dir", str(tmp_path / "run"), "--data.kind", "webdataset", "--data.path", shards,
-        "--teacher.name", "lab-student-tiny", "--teacher.pretrained", "", "--teacher.lock_text", "false",
+        "--teacher.name", "lab-student-tiny", "--teacher.pretrained", "random",
+        "--teacher.lock_text", "false",
         "--student.name", "lab-student-tiny", "--embed.shard_size", "20", "--embed.batch_size", "8",
         *extra,
     ])  # fmt: skip

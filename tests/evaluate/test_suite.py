@@ -18,10 +18,10 @@ from clipdistill.config import ComkdConfig, ConfigError, RunConfig, load_config,
 from clipdistill.data.paper.coop import SPLIT_FILE_DATASETS
 from clipdistill.data.sources import pil_transform
 from clipdistill.evaluate.protocols import harmonic_mean
-from clipdistill.evaluate.suite import Scorer, run_suite
-from clipdistill.methods.comkd import ComkdHead
-from clipdistill.methods.prompt_teacher import SPLIT, TEXT_BANK
+from clipdistill.evaluate.suite import dataset_features, run_suite
+from clipdistill.models.classifier import TrainedClassifier
 from clipdistill.models.factory import create_model
+from clipdistill.models.heads import SPLIT, TEXT_BANK, ComkdHead
 
 # Per dataset: class names; every class is one solid colour, so its images share one feature.
 CLASSES = {
@@ -29,7 +29,10 @@ CLASSES = {
     "dtd": ["banded", "dotted", "striped"],  # base 2 (ceil), new 1
 }
 COLOURS = [(230, 20, 20), (20, 200, 30), (30, 40, 220), (240, 240, 20), (200, 30, 220)]
-TINY = ["--teacher.name", "lab-student-tiny", "--student.name", "lab-student-tiny", "--eval.device", "cpu"]
+TINY = [
+    "--teacher.name", "lab-student-tiny", "--teacher.pretrained", "random",
+    "--student.name", "lab-student-tiny", "--eval.device", "cpu",
+]  # fmt: skip
 
 
 def write_coop_dataset(root: Path, name: str, per_split: int = 2) -> None:
@@ -78,11 +81,11 @@ def prompt_teacher(run_dir: Path, root: Path, name: str = "prompt_teacher") -> P
     torch.manual_seed(0)
     folder = run_dir / name
     save_trained(folder, cfg, create_model(cfg.teacher).model)
-    scorer = Scorer(cfg, name, torch.device("cpu"))
+    scorer = TrainedClassifier(cfg, name, torch.device("cpu"))
     names, rows = [], []
     for dataset in CLASSES:
         test = paper.build_dataset(dataset, root, "test", pil_transform(scorer.loaded.preprocess))
-        feats, labels, _ = scorer.features(test, 8, 0, dataset)
+        feats, labels, _ = dataset_features(scorer, test, 8, 0, dataset)
         for label, classname in enumerate(test.classnames):
             names.append(classname)
             rows.append(feats[labels == label].mean(0))
@@ -182,7 +185,7 @@ def test_one_comkd_student_per_dataset(tmp_path, suite_root):
 def test_missing_datasets_are_all_named_before_any_work(tmp_path, suite_root, monkeypatch):
     run_dir = tmp_path / "run"
     monkeypatch.setitem(paper.SUITES, "base_to_novel", ["imagenet", "oxford_pets", "eurosat"])
-    monkeypatch.setattr(Scorer, "__init__", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(TrainedClassifier, "__init__", lambda *a: pytest.fail("a model was loaded"))
     with pytest.raises(ConfigError) as error:
         run_suite(config(run_dir, suite_root, "--eval.suite", "base_to_novel", "--eval.model", "teacher"))
     message = str(error.value)

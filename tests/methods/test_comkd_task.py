@@ -20,10 +20,9 @@ from clipdistill.config import ComkdConfig, ConfigError, ModelConfig, RunConfig,
 from clipdistill.evaluate.run import run_eval
 from clipdistill.losses.comkd import Projector
 from clipdistill.methods import build_task, needs_teacher_cache
-from clipdistill.methods.comkd import ComkdHead, load_head
-from clipdistill.methods.prompt_teacher import attach_visual_prompts
 from clipdistill.models.factory import count_parameters, create_student, create_teacher
-from clipdistill.models.prompts import TextPromptLearner, VisualPromptLearner
+from clipdistill.models.heads import ComkdHead, load_head
+from clipdistill.models.prompts import TextPromptLearner, VisualPromptLearner, attach_visual_prompts
 from clipdistill.train import train
 from conftest import needs_lab
 
@@ -215,7 +214,7 @@ def test_stage2_never_reads_a_label(tiny_cache, prompted, tmp_path, monkeypatch)
 
 def test_visual_prompts_change_only_the_prompted_features():
     torch.manual_seed(0)
-    model = create_teacher(ModelConfig(name="lab-student-tiny")).model
+    model = create_teacher(ModelConfig(name="lab-student-tiny", pretrained="random")).model
     x = torch.randn(3, 3, 32, 32)
     empty = VisualPromptLearner(model.visual, depth=1, n_tokens=0)
     assert torch.allclose(empty(model.visual, x), model.encode_image(x), atol=1e-5)  # no prompts: plain ViT

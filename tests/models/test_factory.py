@@ -127,7 +127,7 @@ def test_unknown_model_lists_shipped_configs():
 
 
 def test_teacher_is_frozen_and_in_eval_mode():
-    teacher = create_teacher(ModelConfig(name="lab-student-tiny"))
+    teacher = create_teacher(ModelConfig(name="lab-student-tiny"), lab_data=True)  # a lab stand-in
     assert not teacher.model.training
     assert not any(p.requires_grad for p in teacher.model.parameters())
     trainable = create_teacher(ModelConfig(name="lab-student-tiny"), trainable=True)

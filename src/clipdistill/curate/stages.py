@@ -1,8 +1,9 @@
 """The `balance` and `cluster` stages: curation over the teacher cache, written next to it.
 
-Both read `<run_dir>/cache` through memory-mapped views (never the whole matrix), write their
-outputs atomically with `report.json` last, and are skipped when that report carries the same
-settings fingerprint, so rerunning a pipeline only redoes what changed.
+Both read the run's cache (`<run_dir>/cache`, or `cache_<domain>` for `data.domain`) through
+memory-mapped views (never the whole matrix), write their outputs atomically with `report.json` last,
+and are skipped when that report carries the same settings fingerprint, so rerunning a pipeline only
+redoes what changed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from clipdistill.curate.balance import (
     semantic_dedup,
 )
 from clipdistill.curate.cluster import concat_image_text, kmeans_centroids
+from clipdistill.runs import cache_dir
 
 
 class CacheView:
@@ -45,7 +47,14 @@ class CacheView:
 
 
 def _cache(cfg: RunConfig) -> TeacherCache:
-    return TeacherCache(Path(cfg.run_dir) / "cache")
+    """The run's cache for `data.domain`; one without a valid sample is refused (nothing to curate)."""
+    cache = TeacherCache(cache_dir(cfg))
+    if not cache.valid.any():
+        raise ValueError(
+            f"the teacher cache at {cache.folder} has no valid sample ({len(cache)} skipped): "
+            f"see {cache.folder / 'report.json'}, fix the data and rerun `clipdistill embed`"
+        )
+    return cache
 
 
 def _clear_stale_tmp(folder: Path) -> None:

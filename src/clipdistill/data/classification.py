@@ -177,3 +177,21 @@ def _dataset_entry(path: str | os.PathLike, dataset: str) -> object:
     if dataset not in data:
         raise ValueError(f"{path}: no entry for dataset {dataset!r}; it has {sorted(data)[:20]}")
     return data[dataset]
+
+
+def path_hint(root: Path, paths: list[str], checked: int = 2000) -> str:
+    """Where a table's relative image paths were looked for (`root`, the table's folder) and whether
+    they exist relative to the working folder instead: the usual reason all of a table's images are
+    missing. "" when the paths are absolute."""
+    relative = [p for p in paths[:checked] if p and not os.path.isabs(p)]
+    if not relative:
+        return ""
+    there = sum((Path(root) / p).is_file() for p in relative)
+    here = sum(Path(p).is_file() for p in relative)
+    hint = f"Paths are read relative to the table's folder {root}; found {there} of {len(relative)} there"
+    if here > there:
+        hint += (
+            f", {here} relative to the working folder {Path.cwd()}: write them relative to the "
+            "table's folder (or absolute)"
+        )
+    return hint + ". "

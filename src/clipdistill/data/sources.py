@@ -214,7 +214,10 @@ def make_pair_source(cfg: DataConfig, tokenizer: Callable, preprocess: Preproces
         return ShardPairs(cfg, tokenizer, preprocess)
     if cfg.kind == "paper":
         return PaperPairs(cfg, tokenizer, preprocess, split)
-    raise ValueError(f"unknown data.kind {cfg.kind!r}; use lab, csv (csv/tsv/parquet), webdataset or paper")
+    raise ValueError(
+        f"unknown data.kind {cfg.kind!r} for pairs; use lab, csv (csv/tsv/parquet), webdataset or paper "
+        "(folder, a labelled folder tree, is read by eval only)"
+    )
 
 
 class StepSampler:

@@ -1,48 +1,36 @@
-"""The `eval` stage: zero-shot, linear probe and retrieval of a trained model on the lab's test split."""
+"""The `eval` stage: zero-shot, linear probe and retrieval of a trained model on the lab's test split
+(or on your own labelled images: `evaluate/own_data.py`)."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from tqdm import tqdm
 
 from clipdistill.checkpoint import atomic_write, save_npy, write_json
-from clipdistill.config import ConfigError, RunConfig, config_from_dict, fingerprint, to_dict
+from clipdistill.config import ConfigError, RunConfig, fingerprint, to_dict
 from clipdistill.data.lab import LabSplit, load_lab, to_pixels
 from clipdistill.data.shifts import DOMAIN_SHIFTS
 from clipdistill.data.splits import base_novel_split
 from clipdistill.distributed import resolve_device
 from clipdistill.evaluate.linear_probe import linear_probe
+from clipdistill.evaluate.own_data import evaluate_own_data, markdown
 from clipdistill.evaluate.protocols import base_to_novel, domain_shift
 from clipdistill.evaluate.retrieval import retrieval_recall
-from clipdistill.evaluate.zeroshot import predict_with_classifier, zeroshot_accuracy, zeroshot_classifier
-from clipdistill.methods.comkd import TEXT_BANK, load_head
-from clipdistill.methods.prompt_teacher import attach_visual_prompts
-from clipdistill.models.factory import LoadedModel, count_parameters, create_teacher
+from clipdistill.evaluate.zeroshot import predict_with_classifier, zeroshot_accuracy
+from clipdistill.models.classifier import TrainedClassifier, load_trained  # noqa: F401  (used by stages)
+from clipdistill.models.factory import LoadedModel
+from clipdistill.runs import model_dir, model_name, sweep_temps
 
 PROTOCOLS = ("standard", "base_to_novel", "domain", "all")
-
-
-def load_trained(cfg: RunConfig, name: str) -> LoadedModel:
-    """The model a `train` run produced (or the configured teacher for name == "teacher")."""
-    if name == "teacher":
-        return create_teacher(cfg.teacher)
-    folder = Path(cfg.run_dir) / name
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise ConfigError(f"no trained model at {weights}: run `clipdistill train --train.name {name}` first")
-    trained = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
-    model_cfg = trained.teacher if trained.train.role == "teacher" else trained.student
-    model_cfg.pretrained = str(weights)
-    loaded = create_teacher(model_cfg)  # frozen, eval mode
-    return loaded
+OWN_DATA_KINDS = ("csv", "folder")
 
 
 @torch.no_grad()
@@ -87,42 +75,23 @@ def teacher_feature_memo(cfg: RunConfig, visual: torch.nn.Module) -> Path:
 
 
 def evaluate_model(cfg: RunConfig, name: str) -> dict:
-    """Metrics (percent) of model `name` on the lab, in DESIGN section 7's names."""
+    """Metrics (percent) of model `name` on the lab, in the results schema's names."""
     if cfg.data.kind != "lab":
         raise ConfigError(
-            "eval runs on the lab data (data.kind lab); other suites come with the dataset readers"
+            "eval runs on the lab data (data.kind lab), your own labelled images (data.kind csv with "
+            "data.label_key, or folder) or a paper suite (--suite)"
         )
     device = resolve_device(cfg.eval.device)
     start = time.time()
-    loaded = load_trained(cfg, name)
-    loaded.model.to(device)
+    scorer = TrainedClassifier(cfg, name, device)
+    loaded = scorer.loaded
     lab = load_lab(cfg.data)
     ec = cfg.eval
-    if ec.protocol not in PROTOCOLS:
-        raise ConfigError(f"eval.protocol must be one of {PROTOCOLS}, not {ec.protocol!r}")
     memo = teacher_feature_memo(cfg, loaded.model.visual) if name == "teacher" else None
-    # A ComKD student has no text tower: it classifies through its head and the teacher's text bank.
-    head = load_head(Path(cfg.run_dir) / name) if name != "teacher" else None
-    if head is not None:
-        head.to(device)
-        classifier = head.text_bank.T.cpu()
-
-        def class_features(features: torch.Tensor) -> torch.Tensor:
-            return head(features.to(device)).float().cpu()
-    elif name != "teacher" and (Path(cfg.run_dir) / name / TEXT_BANK).is_file():  # a prompt-tuned teacher
-        classifier = torch.from_numpy(np.load(Path(cfg.run_dir) / name / TEXT_BANK)).T
-        if not attach_visual_prompts(loaded.model, Path(cfg.run_dir) / name):
-            memo = teacher_feature_memo(cfg, loaded.model.visual)
-
-        def class_features(features: torch.Tensor) -> torch.Tensor:
-            return features
-    else:
-        classifier = zeroshot_classifier(
-            lambda t: text_features(loaded, t, device), lab.classnames, lab.templates
-        )
-
-        def class_features(features: torch.Tensor) -> torch.Tensor:
-            return features
+    if scorer.kind == "text_bank" and not scorer.visual_prompts:  # the frozen teacher's tower
+        memo = teacher_feature_memo(cfg, loaded.model.visual)
+    classifier, _ = scorer.weights(lab.classnames, lab.templates)
+    class_features = scorer.class_features
 
     def features(split: str, limit: int = 0, shift=None) -> torch.Tensor:
         shift_name = shift_names.get(shift, "none")
@@ -144,15 +113,13 @@ def evaluate_model(cfg: RunConfig, name: str) -> dict:
     probe = linear_probe(train, lab.train.labels[: len(train)], val, lab.val.labels, test, lab.test.labels)
     metrics = {
         # a ComKD student deploys its image tower and head only (no text tower)
-        "params": count_parameters(loaded.model)
-        if head is None
-        else count_parameters(loaded.model.visual) + count_parameters(head),
+        "params": scorer.params,
         "zeroshot_top1": zs["acc1"],
         "zeroshot_top5": zs["acc5"],
         "linear_probe_top1": probe["acc1"],
         "linear_probe_c": probe["best_c"],
     }
-    if head is None:  # retrieval needs a text tower
+    if scorer.has_text_tower:  # retrieval needs one
         k = ec.retrieval_size
         retrieval = retrieval_recall(
             test[:k],
@@ -182,15 +149,26 @@ def evaluate_model(cfg: RunConfig, name: str) -> dict:
 
 
 def run_eval(cfg: RunConfig) -> dict:
-    """Evaluate `cfg.eval.model` and write eval.json + eval.csv into its folder."""
-    name = cfg.eval.model or cfg.train.name or cfg.train.method
-    metrics = evaluate_model(cfg, name)
-    folder = Path(cfg.run_dir) / name
+    """Evaluate `cfg.eval.model` (on the lab, or on your own labelled images for data.kind csv or
+    folder) and write eval.json, eval.csv and eval.md into its folder."""
+    name = model_name(cfg, cfg.eval.model)
+    folder = model_dir(cfg, name)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "eval.json").unlink(missing_ok=True)  # the done mark: never paired with a newer eval.csv
-    for stale in folder.glob(".eval.*.tmp"):  # half-written files of a killed eval (see atomic_path)
-        stale.unlink()
+    sweep_temps(folder, ".eval.*.tmp")  # half-written files of a killed eval
+    if cfg.data.kind in OWN_DATA_KINDS:
+        start = time.time()
+        metrics = evaluate_own_data(cfg, name, resolve_device(cfg.eval.device))
+        metrics["eval_seconds"] = round(time.time() - start, 2)
+        where = cfg.data.path
+    else:
+        metrics = evaluate_model(cfg, name)
+        where = f"the {cfg.data.kind} test split"
+    if metrics.get("note"):
+        print(f"clipdistill eval: note: {metrics['note']}", file=sys.stderr)
     atomic_write(folder / "eval.csv", lambda tmp: _write_csv(tmp, {"model": name, **metrics}))
+    table = markdown(name, where, metrics)
+    atomic_write(folder / "eval.md", lambda tmp: tmp.write_text(table))
     write_json(folder / "eval.json", metrics)  # last: written only once everything else is
     return metrics
 

@@ -14,7 +14,6 @@ and carry only that dataset's text bank, so each dataset is scored by its own mo
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,24 +21,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import yaml
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clipdistill.checkpoint import atomic_write, write_json
-from clipdistill.config import ConfigError, RunConfig, config_from_dict
+from clipdistill.config import ConfigError, RunConfig
 from clipdistill.data import paper
 from clipdistill.data.classification import collate_labeled
 from clipdistill.data.sources import pil_transform
 from clipdistill.distributed import resolve_device
 from clipdistill.evaluate.linear_probe import linear_probe
 from clipdistill.evaluate.protocols import harmonic_mean
-from clipdistill.evaluate.run import load_trained, text_features
-from clipdistill.evaluate.zeroshot import zeroshot_accuracy, zeroshot_classifier
-from clipdistill.methods.comkd import TEXT_BANK, load_head
-from clipdistill.methods.prompt_teacher import SPLIT, attach_visual_prompts
-from clipdistill.models.factory import LoadedModel
+from clipdistill.evaluate.zeroshot import zeroshot_accuracy
+from clipdistill.models.classifier import TrainedClassifier
+from clipdistill.runs import sweep_temps
 
 METRICS = {"base_to_novel": ("base_acc", "novel_acc", "hm"), "linear_probe": ("linear_probe_top1",)}
 DEFAULT_METRICS = ("top1",)
@@ -103,91 +98,25 @@ def open_datasets(suite: str, names: list[str], root: str) -> list[Opened]:
     return opened
 
 
-class Scorer:
-    """One trained model as image features and a classifier over any list of its known class names.
-
-    A ComKD student has no text tower: it scores through its head against the teacher's text bank, as a
-    prompt-tuned teacher scores against its own bank; both look the dataset's classes up in the bank by
-    name (the bank's names come from stage 1's split.json). Any other model builds a zero-shot
-    classifier from the dataset's templates.
-    """
-
-    def __init__(self, cfg: RunConfig, name: str, device: torch.device) -> None:
-        self.device = device
-        self.loaded: LoadedModel = load_trained(cfg, name)
-        self.loaded.model.to(device)
-        folder = Path(cfg.run_dir) / name
-        self.head = load_head(folder) if name != "teacher" else None
-        self.bank: torch.Tensor | None = None
-        self.bank_names: list[str] | None = None
-        if self.head is not None:
-            self.head.to(device)
-            self.bank = self.head.text_bank.cpu()
-            self.bank_names = _bank_names(_stage1_folder(folder))
-        elif name != "teacher" and (folder / TEXT_BANK).is_file():  # a prompt-tuned teacher
-            self.bank = F.normalize(torch.from_numpy(np.load(folder / TEXT_BANK)).float(), dim=-1)
-            self.bank_names = _bank_names(folder)
-            attach_visual_prompts(self.loaded.model, folder)
-
-    @torch.no_grad()
-    def features(self, dataset: Dataset, batch_size: int, workers: int, desc: str) -> tuple:
-        """(normalised encoder features, labels, skipped images) of a set."""
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_labeled)
-        feats, labels, skipped = [], [], 0
-        for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-            skipped += len(batch["skipped"])
-            if len(batch["label"]):
-                image = self.loaded.model.encode_image(batch["image"].to(self.device)).float()
-                feats.append(F.normalize(image, dim=-1).cpu())
-                labels.append(batch["label"])
-        if not feats:
-            raise ValueError(f"{desc}: no readable image ({skipped} skipped)")
-        return torch.cat(feats), torch.cat(labels), skipped
-
-    @torch.no_grad()
-    def class_features(self, features: torch.Tensor) -> torch.Tensor:
-        """What is compared with the classifier: the head's output for a ComKD student."""
-        return features if self.head is None else self.head(features.to(self.device)).float().cpu()
-
-    def classifier(self, dataset: str, classnames: list[str], templates: list[str], all_names: list[str]):
-        """[D, C] over `classnames`; `all_names` (the dataset's full class list) stands in for a bank
-        written without names."""
-        if self.bank is None:
-            return zeroshot_classifier(
-                lambda t: text_features(self.loaded, t, self.device), classnames, templates
-            )
-        names = self.bank_names or all_names
-        if len(names) != len(self.bank):
-            raise ConfigError(
-                f"{dataset}: the model's text bank has {len(self.bank)} classes but its names (or the "
-                f"dataset's) {len(names)}: was it trained on this dataset?"
-            )
-        index = {n: i for i, n in enumerate(names)}
-        missing = [c for c in classnames if c not in index]
-        if missing:
-            raise ConfigError(
-                f"{dataset}: {len(missing)} classes are not in the model's text bank, e.g. {missing[:3]}: "
-                "a ComKD student scores only the classes of the dataset it was trained on "
-                "(use eval.model '{dataset}/NAME' for one model per dataset)"
-            )
-        return self.bank[[index[c] for c in classnames]].T
-
-
-def _stage1_folder(student_folder: Path) -> Path:
-    trained = config_from_dict(yaml.safe_load((student_folder / "config.yaml").read_text()))
-    configured = Path(trained.run_dir) / trained.comkd.prompt_teacher
-    seeded = Path(f"{configured}_seed{trained.train.seed}")
-    return seeded if (seeded / SPLIT).is_file() and not (configured / SPLIT).is_file() else configured
-
-
-def _bank_names(folder: Path) -> list[str] | None:
-    """The class names of a stage-1 text bank, in its row order (None when split.json is absent)."""
-    path = folder / SPLIT
-    return json.loads(path.read_text())["classnames"] if path.is_file() else None
+@torch.no_grad()
+def dataset_features(
+    scorer: TrainedClassifier, dataset: Dataset, batch_size: int, workers: int, desc: str
+) -> tuple:
+    """(normalised encoder features, labels, skipped images) of a set."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_labeled)
+    feats, labels, skipped = [], [], 0
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        skipped += len(batch["skipped"])
+        if len(batch["label"]):
+            feats.append(scorer.encode_images(batch["image"]))
+            labels.append(batch["label"])
+    if not feats:
+        raise ValueError(f"{desc}: no readable image ({skipped} skipped)")
+    return torch.cat(feats), torch.cat(labels), skipped
 
 
 def score_dataset(
-    scorer: Scorer, suite: str, opened: Opened, cfg: RunConfig, all_names: list[str]
+    scorer: TrainedClassifier, suite: str, opened: Opened, cfg: RunConfig, all_names: list[str]
 ) -> tuple[dict, int]:
     """The suite's metrics (percent) on one dataset, and the images skipped as unreadable."""
     opened.transform.transform = pil_transform(scorer.loaded.preprocess)
@@ -197,9 +126,14 @@ def score_dataset(
     def top1(key: str) -> float:
         nonlocal skipped
         dataset = opened.sets[key]
-        feats, labels, bad = scorer.features(dataset, ec.batch_size, workers, f"{opened.name} {key}")
+        feats, labels, bad = dataset_features(scorer, dataset, ec.batch_size, workers, f"{opened.name} {key}")
         skipped += bad
-        classifier = scorer.classifier(opened.name, dataset.classnames, dataset.templates, all_names)
+        try:
+            classifier, _ = scorer.weights(dataset.classnames, dataset.templates, all_names)
+        except ConfigError as e:
+            raise ConfigError(
+                f"{opened.name}: {e} (use eval.model '{{dataset}}/NAME' for one model per dataset)"
+            ) from None
         return zeroshot_accuracy(scorer.class_features(feats), labels, classifier, topk=(1,))["acc1"]
 
     if suite == "base_to_novel":
@@ -208,8 +142,8 @@ def score_dataset(
     if suite == "linear_probe":
         parts = {}
         for key in ("train", "val", "test"):
-            feats, labels, bad = scorer.features(
-                opened.sets[key], ec.batch_size, workers, f"{opened.name} {key}"
+            feats, labels, bad = dataset_features(
+                scorer, opened.sets[key], ec.batch_size, workers, f"{opened.name} {key}"
             )
             parts[key], skipped = (feats.numpy(), labels.numpy()), skipped + bad
         probe = linear_probe(*parts["train"], *parts["val"], *parts["test"])
@@ -261,13 +195,15 @@ def run_suite(cfg: RunConfig) -> dict:
     ]
     if missing:
         raise ConfigError(f"eval suite {ec.suite}: no trained model at " + ", ".join(missing))
+    folder = Path(cfg.run_dir) if per_dataset else Path(cfg.run_dir) / model
+    sweep_temps(folder, f".suite_{ec.suite}.*.tmp")  # half-written files of a killed run
     opened = open_datasets(ec.suite, names, ec.suite_root)
     device = resolve_device(ec.device)
     start, rows, skipped = time.time(), [], 0
     scorer = None
     for item in opened:
         if scorer is None or per_dataset:
-            scorer = Scorer(cfg, models[item.name], device)
+            scorer = TrainedClassifier(cfg, models[item.name], device)
         all_names = None
         if scorer.bank is not None and scorer.bank_names is None:  # a bank without names: the full class list
             all_names = paper.build_dataset(item.name, ec.suite_root, "test", None).classnames
@@ -284,7 +220,6 @@ def run_suite(cfg: RunConfig) -> dict:
         "skipped_images": skipped,
         "eval_seconds": round(time.time() - start, 2),
     }
-    folder = Path(cfg.run_dir) if per_dataset else Path(cfg.run_dir) / model
     folder.mkdir(parents=True, exist_ok=True)
     table = markdown(ec.suite, model, rows, avg)
     atomic_write(folder / f"suite_{ec.suite}.md", lambda tmp: tmp.write_text(table))

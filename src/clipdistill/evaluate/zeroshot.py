@@ -2,33 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-
-@torch.no_grad()
-def zeroshot_classifier(
-    encode_text: Callable[[list[str]], torch.Tensor],
-    classnames: list[str],
-    templates: list[str],
-    batch_size: int = 256,
-) -> torch.Tensor:
-    """Class weights [D, C]: per class, the re-normalised mean of its L2-normalised prompt embeddings.
-
-    Normalising each prompt before averaging keeps one long or odd template from dominating the
-    ensemble; re-normalising makes the logits cosine similarities.
-    """
-    texts = [template.format(c=name) for name in classnames for template in templates]
-    features = torch.cat(
-        [
-            F.normalize(encode_text(texts[i : i + batch_size]).float(), dim=-1)
-            for i in range(0, len(texts), batch_size)
-        ]
-    )
-    per_class = features.view(len(classnames), len(templates), -1).mean(dim=1)
-    return F.normalize(per_class, dim=-1).T
+from clipdistill.models.classifier import zeroshot_classifier  # noqa: F401  (built with the model's classifier)
 
 
 def predict_with_classifier(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:

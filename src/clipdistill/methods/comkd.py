@@ -15,51 +15,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from clipdistill.cache import TeacherCache
 from clipdistill.checkpoint import load_state_dict
-from clipdistill.config import ComkdConfig, ConfigError, RunConfig, config_from_dict
-from clipdistill.losses.comkd import EduAttention, IFAlignLoss, Projector, RefinementKDLoss
+from clipdistill.config import ComkdConfig, ConfigError, RunConfig
+from clipdistill.losses.comkd import IFAlignLoss, RefinementKDLoss
 from clipdistill.methods.labelled import labelled_train
 from clipdistill.methods.task import CacheUse, Task
+from clipdistill.models.heads import TEXT_BANK, ComkdHead, comkd_settings
 from clipdistill.runs import find_run, model_dir
 
-TEXT_BANK = "text_bank.npy"  # written by stage 1 (methods/prompt_teacher.py)
 IMAGE_FEATURES = "image_features.npy"  # stage 1 with visual prompts: the prompted teacher's u_t per row
-COMKD_METHODS = ("comkd", "promptkd")
-
-
-class ComkdHead(nn.Module):
-    """What the student needs at inference besides its encoder: P, EduAttention and W_t (a buffer,
-    so it is saved in heads.safetensors and the student needs no text tower)."""
-
-    def __init__(
-        self,
-        student_dim: int,
-        text_bank: torch.Tensor,
-        cfg: ComkdConfig,
-        skip: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__()
-        dim = int(text_bank.shape[1])
-        self.projector = Projector(student_dim, dim, skip=skip)
-        self.edu = EduAttention(dim, cfg.attention_scale) if cfg.use_eduattention else None
-        self.register_buffer("text_bank", F.normalize(text_bank.float(), dim=-1))
-        self.logit_scale = cfg.logit_scale
-
-    def project(self, student_image: torch.Tensor) -> torch.Tensor:
-        """P(u_s) of the L2-normalised student feature (normalised so training and eval agree)."""
-        return self.projector(F.normalize(student_image, dim=-1))
-
-    def forward(self, student_image: torch.Tensor) -> torch.Tensor:
-        """f_e: the student feature in the teacher's space, after EduAttention when it is on."""
-        p = self.project(student_image)
-        return self.edu(p, self.text_bank) if self.edu is not None else p
-
-    def logits(self, student_image: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * F.normalize(self(student_image), dim=-1) @ self.text_bank.T
 
 
 class ComkdTask(Task):
@@ -118,14 +85,6 @@ class ComkdTask(Task):
     @classmethod
     def from_config(cls, cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> ComkdTask:
         return build_comkd(cfg, model, cache)
-
-
-def comkd_settings(cfg: RunConfig) -> ComkdConfig:
-    """The ComKD settings of a run, with `promptkd` switching IFAlign and EduAttention off."""
-    settings = ComkdConfig(**vars(cfg.comkd))
-    if cfg.train.method == "promptkd":
-        settings.use_ifalign = settings.use_eduattention = False
-    return settings
 
 
 def prompt_teacher_folder(cfg: RunConfig) -> Path:
@@ -197,17 +156,3 @@ def build_comkd(cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) ->
     train_rows = base_class_rows(cfg) if cfg.comkd.inductive else None
     return ComkdTask(model, text_bank, comkd_settings(cfg), teacher_images, skip, train_rows)
 
-
-def load_head(folder: str | Path) -> ComkdHead | None:
-    """The trained head of a comkd/promptkd run folder (None for any other method)."""
-    folder = Path(folder)
-    trained = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
-    if trained.train.method not in COMKD_METHODS:
-        return None
-    state = {k.removeprefix("head."): v for k, v in load_state_dict(folder / "heads.safetensors").items()}
-    student_dim = int(state["projector.net.0.weight"].shape[1])
-    head = ComkdHead(
-        student_dim, state["text_bank"], comkd_settings(trained), state.get("projector.skip.weight")
-    )
-    head.load_state_dict(state)
-    return head.eval().requires_grad_(False)

@@ -20,16 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipdistill.cache import TeacherCache
-from clipdistill.checkpoint import atomic_write, load_state_dict, save_npy
+from clipdistill.checkpoint import atomic_write, save_npy
 from clipdistill.config import ComkdConfig, ConfigError, RunConfig
 from clipdistill.data.sources import make_pair_source
 from clipdistill.methods.labelled import labelled_train
 from clipdistill.methods.task import CacheUse, Task
 from clipdistill.models.factory import build_tokenizer, load_model_config, preprocess_for
+from clipdistill.models.heads import SPLIT, TEXT_BANK
 from clipdistill.models.prompts import TextPromptLearner, VisualPromptLearner
 
-TEXT_BANK = "text_bank.npy"
-SPLIT = "split.json"
 IMAGE_FEATURES = "image_features.npy"
 
 
@@ -40,6 +39,7 @@ class PromptTeacherTask(Task):
 
     cache_use = CacheUse.OPTIONAL
     sections = ("comkd",)
+    adapts_pretrained_teacher = True
 
     def __init__(
         self,
@@ -151,21 +151,6 @@ class PromptTeacherTask(Task):
         if self.visual_prompts is not None:
             save_npy(out / IMAGE_FEATURES, self.image_features().numpy())
         save_npy(out / TEXT_BANK, self.text_bank().numpy())
-
-
-def attach_visual_prompts(model: nn.Module, folder: Path) -> bool:
-    """Route `model.encode_image` through the visual prompts stage 1 saved in `folder`, if any (eval);
-    returns whether there were any."""
-    heads = Path(folder) / "heads.safetensors"
-    state = load_state_dict(heads) if heads.is_file() else {}
-    if "visual_prompts.prompts" not in state:
-        return False
-    prompts = state["visual_prompts.prompts"]
-    vpt = VisualPromptLearner(model.visual, prompts.shape[0], prompts.shape[1])
-    vpt.load_state_dict({"prompts": prompts})
-    vpt.requires_grad_(False).to(next(model.parameters()).device)
-    model.encode_image = lambda images, normalize=False: vpt(model.visual, images)
-    return True
 
 
 def build_prompt_teacher(cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> PromptTeacherTask:

@@ -40,6 +40,8 @@ class Task(nn.Module):
 
     cache_use: ClassVar[CacheUse] = CacheUse.NONE
     sections: ClassVar[tuple[str, ...]] = ()  # config sections it reads besides data, models, train
+    # adapts a pretrained teacher around its frozen weights (prompt tuning): the teacher must carry weights
+    adapts_pretrained_teacher: ClassVar[bool] = False
     model: nn.Module
 
     @classmethod

@@ -12,10 +12,14 @@ first `depth` blocks of an open_clip ViT; they are dropped before pooling.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from open_clip.hf_model import HFTextEncoder
 from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
+
+from clipdistill.checkpoint import load_state_dict
 
 CTX_INIT = "a photo of a"  # CoOp's initialisation: the context starts as a hand-written prompt
 PLACEHOLDER = "x"  # one word-piece in the lab's BERT vocabulary (and in CLIP's BPE)
@@ -98,3 +102,18 @@ class VisualPromptLearner(nn.Module):
         x = torch.cat([x[:, :1], x[:, 1 + n :]], dim=1)  # pool over the class token and patches only
         pooled, _ = visual._pool(x)
         return pooled @ visual.proj if visual.proj is not None else pooled
+
+
+def attach_visual_prompts(model: nn.Module, folder: Path) -> bool:
+    """Route `model.encode_image` through the visual prompts stage 1 saved in `folder`, if any (eval);
+    returns whether there were any."""
+    heads = Path(folder) / "heads.safetensors"
+    state = load_state_dict(heads) if heads.is_file() else {}
+    if "visual_prompts.prompts" not in state:
+        return False
+    prompts = state["visual_prompts.prompts"]
+    vpt = VisualPromptLearner(model.visual, prompts.shape[0], prompts.shape[1])
+    vpt.load_state_dict({"prompts": prompts})
+    vpt.requires_grad_(False).to(next(model.parameters()).device)
+    model.encode_image = lambda images, normalize=False: vpt(model.visual, images)
+    return True

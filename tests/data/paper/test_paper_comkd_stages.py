@@ -21,8 +21,9 @@ CLASSES = {
 }
 TRAIN_PER_CLASS, SHOTS = 3, 2
 TINY = [
-    "--teacher.name", "lab-student-tiny", "--teacher.pretrained", "", "--student.name", "lab-student-tiny",
-    "--student.pretrained", "", "--train.device", "cpu", "--embed.device", "cpu", "--eval.device", "cpu",
+    "--teacher.name", "lab-student-tiny", "--teacher.pretrained", "random",
+    "--student.name", "lab-student-tiny", "--student.pretrained", "",
+    "--train.device", "cpu", "--embed.device", "cpu", "--eval.device", "cpu",
 ]  # fmt: skip
 
 

@@ -1,0 +1,103 @@
+"""The README's "Your own data" walk-through, run command by command as it is written there: a table of
+generated images and captions, a tiny teacher in a Hugging Face cache made here, and every stage from
+embed to predict."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from huggingface_hub import constants
+
+from clipdistill.checkpoint import read_json
+from clipdistill.cli import main as cli_main
+from own_data import CLASSES, REVISION, draw_shape, hf_cache, tiny_model, tiny_model_config, write_table
+
+README = Path(__file__).parents[1] / "README.md"
+REPO = "someorg/tiny-clip"
+# mydata.yaml as the README shows it, at test scale: a tiny teacher and student, a few CPU steps
+CONFIG = f"""
+run_dir: runs/mine
+data:
+  kind: csv
+  path: data/pairs.csv
+  image_key: filepath
+  caption_key: title
+teacher:
+  name: hf-hub:{REPO}
+student:
+  name: lab-student-tiny
+train:
+  steps: 6
+  batch_size: 16
+  warmup_steps: 2
+  log_every: 2
+  device: cpu
+embed:
+  batch_size: 32
+  device: cpu
+eval:
+  device: cpu
+balance:
+  n_clusters: 3
+  tau_p: 0.99999
+  keep_ratio: 0.5
+cluster:
+  n_clusters: 3
+"""
+
+
+def readme_commands() -> list[list[str]]:
+    """The `clipdistill ...` lines of the README's "Your own data" section, in order."""
+    section = README.read_text().split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, re.S)
+    return [shlex.split(line)[1:] for line in block.splitlines() if line.startswith("clipdistill ")]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """The user's folder: data/pairs.csv (+ images), data/labelled.csv, data/classes.txt, photos/,
+    mydata.yaml, and the teacher in a Hugging Face cache (offline)."""
+    write_table(tmp_path / "data", per_class=16, seed=0)
+    held_out = pd.read_csv(write_table(tmp_path / "data" / "held_out", per_class=6, seed=1))
+    held_out["filepath"] = "held_out/" + held_out["filepath"]
+    held_out.to_csv(tmp_path / "data" / "labelled.csv", index=False)
+    (tmp_path / "photos").mkdir()
+    for i, name in enumerate(CLASSES):
+        draw_shape(name, np.random.default_rng(10 + i)).save(
+            tmp_path / "photos" / f"{i}.png"
+        )
+    (tmp_path / "mydata.yaml").write_text(CONFIG)
+    cache = hf_cache(tmp_path / "hf", REPO, tiny_model(), tiny_model_config(), "open_clip_model.safetensors")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_the_readme_walkthrough_runs_end_to_end(workdir, capsys):
+    commands = readme_commands()
+    stages = [c[0] for c in commands]
+    assert stages == ["embed", "balance", "cluster", "train", "eval", "eval", "export", "predict"]
+    for args in commands:
+        code = cli_main(args)
+        out = capsys.readouterr()
+        assert code == 0, f"{shlex.join(args)}: {out.err[-2000:]}"
+    run = workdir / "runs" / "mine"
+    report = read_json(run / "cache" / "report.json")
+    assert report["teacher"] == f"hf-hub:{REPO}@{REVISION}" and report["valid_samples"] == 48
+    assert read_json(run / "cid" / "done.json")["steps"] == 6
+    student, teacher = read_json(run / "cid" / "eval.json"), read_json(run / "teacher" / "eval.json")
+    for metrics in (student, teacher):
+        assert metrics["classes"] == 3 and metrics["test_images"] == 9
+        assert 0 <= metrics["zeroshot_top1"] <= 100 and metrics["retrieval_rule"] == "instance"
+        assert "linear_probe_top1" in metrics
+    assert (run / "cid" / "eval.md").is_file() and (run / "cid" / "export" / "open_clip").is_dir()
+    lines = out.out.splitlines()
+    assert [Path(line.split()[0]).name for line in lines[1:]] == ["0.png", "1.png", "2.png"]
+    assert all(line.split()[1] in " ".join(CLASSES) for line in lines[1:])
