@@ -114,6 +114,7 @@ print(out.shape, "torch" in sys.modules and sys.modules["torch"] is not None)
 """
 
 
+@pytest.mark.slow
 def test_onnx_image_encoder_runs_without_torch(run, tmp_path):
     folder = export_onnx(load_trained(run, "student"), tmp_path / "onnx")
     done = subprocess.run(
@@ -123,6 +124,7 @@ def test_onnx_image_encoder_runs_without_torch(run, tmp_path):
     assert done.stdout.split() == ["(2,", "32)", "False"]
 
 
+@pytest.mark.slow
 def test_cli_export_both_formats(run):
     done = run_cli(["export", "--run_dir", run.run_dir, "--export.model", "student"])
     assert done.returncode == 0, done.stderr

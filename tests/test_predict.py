@@ -99,6 +99,7 @@ def test_embed_images(run, images, tmp_path):
     assert ids[-1] == "sub/grey.jpg" and len(ids) == 5
 
 
+@pytest.mark.slow
 def test_cli_predict_table_and_json(run, images, tmp_path):
     args = ["--model", "student", "--run-dir", run.run_dir, "--labels", ",".join(LABELS)]
     done = run_cli(
