@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,9 @@ import pytest
 import torch
 import yaml
 
+from clipdistill import export as export_module
 from clipdistill.checkpoint import save_state_dict
-from clipdistill.config import RunConfig, to_dict
+from clipdistill.config import ConfigError, RunConfig, to_dict
 from clipdistill.evaluate.run import load_trained
 from clipdistill.export import export_onnx, export_open_clip, run_export
 from clipdistill.methods.comkd import ComkdHead, comkd_settings, load_head
@@ -133,3 +135,9 @@ def test_cli_export_both_formats(run):
     assert (Path(result["onnx"]) / "image_encoder.onnx").is_file()
     done = run_cli(["export", "--run_dir", run.run_dir, "--export.model", "student", "--format", "open_clip"])
     assert done.returncode == 0 and "onnx" not in json.loads(done.stdout), done.stderr
+
+
+def test_onnx_export_without_the_onnx_package_is_refused_before_any_work(tiny_config, monkeypatch):
+    monkeypatch.setattr(export_module, "find_spec", lambda name: None if name == "onnx" else find_spec(name))
+    with pytest.raises(ConfigError, match=r"pip install 'clipdistill\[onnx\]', or --format open_clip"):
+        run_export(tiny_config("--export.model", "not_trained"))

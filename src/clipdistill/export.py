@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -173,6 +174,10 @@ def run_export(cfg: RunConfig) -> dict:
     fmt = cfg.export.format
     if fmt not in FORMATS:
         raise ConfigError(f"export.format must be one of {FORMATS}, not {fmt!r}")
+    if fmt in ("onnx", "all") and find_spec("onnx") is None:  # torch's exporter imports it at the end
+        raise ConfigError(
+            "ONNX export needs the onnx package: pip install 'clipdistill[onnx]', or --format open_clip"
+        )
     name = cfg.export.model or cfg.train.name or cfg.train.method
     loaded = load_trained(cfg, name)
     out = Path(cfg.run_dir) / name / "export"
