@@ -19,4 +19,5 @@ if failed:
     sys.exit("modules that do not import:\n  " + "\n  ".join(failed))
 if "site-packages" not in clipdistill.__file__:
     sys.exit(f"clipdistill was imported from {clipdistill.__file__}, not from the installed package")
-print(f"imported {len(names)} modules of clipdistill {clipdistill.__version__}")
+torch = sys.modules["torch"]
+print(f"imported {len(names)} modules of clipdistill {clipdistill.__version__} (torch {torch.__version__})")
