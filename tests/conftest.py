@@ -2,7 +2,8 @@
 
 Trainer, cache and method tests read `synthetic_pairs`: generated images and captions in a CSV, the
 path a user's own data takes. Tests of the Fashion-MNIST lab itself (evaluation, ComKD's labelled
-classes) are marked `needs_lab` and fail with an install hint when the dataset is missing.
+classes) are marked `needs_lab` (the `lab` marker) and fail with an install hint when the dataset is
+missing.
 """
 
 from __future__ import annotations
