@@ -10,6 +10,8 @@ export TRANSFORMERS_VERBOSITY := error
 
 .PHONY: deps demo test lint bench bench-perf clean-demo
 
+# The package goes in with --no-deps (fast: requirements.txt pins every dependency); .ci/install_check
+# proves that pyproject.toml declares them too, with `pip install .` into a fresh venv.
 $(STAMP): requirements.txt pyproject.toml
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt
@@ -28,7 +30,7 @@ demo: deps
 bench: deps
 	$(BIN)/clipdistill bench --config configs/lab.yaml
 
-# The performance ratios of issue #7 (benchmarks/README.md); PERF_ARGS=--quick for a smoke run.
+# The performance ratios of benchmarks/README.md; PERF_ARGS=--quick for a smoke run.
 bench-perf: deps
 	$(BIN)/python -m benchmarks.perf $(PERF_ARGS)
 

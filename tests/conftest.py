@@ -1,7 +1,14 @@
-"""Shared fixtures: a tiny lab run (tiny student, tiny stand-in teacher, a few hundred images, CPU)."""
+"""Shared fixtures: tiny runs (tiny student, tiny stand-in teacher, a few hundred images, CPU).
+
+Trainer, cache and method tests read `synthetic_pairs`: generated images and captions in a CSV, the
+path a user's own data takes. Tests of the Fashion-MNIST lab itself (evaluation, ComKD's labelled
+classes) are marked `needs_lab` (the `lab` marker) and fail with an install hint when the dataset is
+missing.
+"""
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -14,8 +21,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # numbers match an in-process run's bit for bit.
 os.environ["OMP_NUM_THREADS"] = "1"
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -23,9 +32,56 @@ from clipdistill.config import RunConfig, load_config  # noqa: E402
 from clipdistill.data.lab import DEBIAN_DIR  # noqa: E402
 
 HAVE_LAB = (Path(DEBIAN_DIR) / "train-images-idx3-ubyte.gz").is_file()
-needs_lab = pytest.mark.skipif(
-    not HAVE_LAB, reason=f"Fashion-MNIST is not in {DEBIAN_DIR}: apt-get install dataset-fashion-mnist"
-)
+needs_lab = pytest.mark.lab
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A lab test without the lab data fails, before its fixtures load the lab: it is never skipped."""
+    if item.get_closest_marker("lab") and not HAVE_LAB:
+        pytest.fail(
+            f"Fashion-MNIST is not in {DEBIAN_DIR}: this test needs the lab data. `make test` installs it "
+            "(apt-get install dataset-fashion-mnist); `pytest -m 'not lab'` leaves these tests out",
+            pytrace=False,
+        )
+
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 200), "yellow": (220, 200, 40)}
+SHAPES = ("square", "disc", "bar", "cross")
+
+
+def write_pairs(folder: Path, size: int, seed: int = 0) -> Path:
+    """`size` generated 32 px PNGs (a coloured shape at a random place, on noise) and `pairs.csv`
+    (`filepath`, `title`: "a red disc"), the same for the same seed. Returns the CSV's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:32, :32]
+    rows = []
+    for i in range(size):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        cy, cx, r = *rng.integers(9, 23, size=2), int(rng.integers(4, 9))
+        mask = {
+            "square": (abs(yy - cy) <= r) & (abs(xx - cx) <= r),
+            "disc": (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r,
+            "bar": (abs(yy - cy) <= r // 3) & (abs(xx - cx) <= r),
+            "cross": ((abs(yy - cy) <= 1) | (abs(xx - cx) <= 1)) & (abs(yy - cy) <= r) & (abs(xx - cx) <= r),
+        }[shape]
+        pixels = rng.integers(0, 60, size=(32, 32, 3))
+        pixels[mask] = COLOURS[colour]
+        name = f"{i:04d}.png"
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / name)
+        rows.append({"filepath": str(folder / name), "title": f"a {colour} {shape}"})
+    path = folder / "pairs.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["filepath", "title"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_pairs(tmp_path_factory) -> Path:
+    """The CSV of 256 generated image-text pairs (`data.kind csv`), shared by the whole session."""
+    return write_pairs(tmp_path_factory.mktemp("pairs"), 256)
 
 
 def tiny_overrides(run_dir: str | Path, *extra: str) -> list[str]:
@@ -53,12 +109,27 @@ def tiny_overrides(run_dir: str | Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def pairs_overrides(run_dir: str | Path, pairs: str | Path, *extra: str) -> list[str]:
+    """`tiny_overrides` training on the pairs of the CSV `pairs` instead of the lab."""
+    return tiny_overrides(run_dir, "--data.kind", "csv", "--data.path", str(pairs), *extra)
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
     """`tiny_config(*overrides, run_dir=...)` -> the resolved RunConfig of a tiny lab run."""
 
     def make(*extra: str, run_dir: str | Path | None = None) -> RunConfig:
         return load_config(None, tiny_overrides(run_dir or tmp_path / "run", *extra))
+
+    return make
+
+
+@pytest.fixture
+def pairs_config(tmp_path, synthetic_pairs):
+    """`pairs_config(*overrides, run_dir=...)` -> the RunConfig of a tiny run on `synthetic_pairs`."""
+
+    def make(*extra: str, run_dir: str | Path | None = None) -> RunConfig:
+        return load_config(None, pairs_overrides(run_dir or tmp_path / "run", synthetic_pairs, *extra))
 
     return make
 

@@ -16,11 +16,9 @@ from clipdistill.data.sources import make_pair_source
 from clipdistill.embed import run_embed
 from clipdistill.models.factory import create_model, create_teacher
 from clipdistill.runs import cache_dir, data_id
-from conftest import needs_lab, run_cli, tiny_overrides
+from conftest import pairs_overrides, run_cli, write_pairs
 
-pytestmark = needs_lab
-
-NUM_SHARDS = 8  # 512 training images in shards of 64
+NUM_SHARDS = 8  # 512 generated pairs in shards of 64
 
 # `clipdistill embed` with every shard slowed down, so that a kill lands mid-way
 SLOW_EMBED = (
@@ -39,16 +37,19 @@ def teacher_weights(tmp_path_factory):
     return str(path)
 
 
-def _args(run_dir, teacher_weights, *extra):
-    return tiny_overrides(
-        run_dir, "--teacher.pretrained", teacher_weights, "--data.train_size", "512", *extra
-    )
+def _args(run_dir, pairs, teacher_weights, *extra):
+    return pairs_overrides(run_dir, pairs, "--teacher.pretrained", teacher_weights, *extra)
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, teacher_weights):
+def pairs(tmp_path_factory):
+    return write_pairs(tmp_path_factory.mktemp("pairs"), 512)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, pairs, teacher_weights):
     """An uninterrupted cache, built in this process."""
-    cfg = load_config(None, _args(tmp_path_factory.mktemp("uninterrupted"), teacher_weights))
+    cfg = load_config(None, _args(tmp_path_factory.mktemp("uninterrupted"), pairs, teacher_weights))
     report = run_embed(cfg)
     return cfg, report
 
@@ -65,9 +66,10 @@ def test_report(built):
     assert set(_files(cache_dir(cfg))) == {"meta.json"} | shards
 
 
-def test_kill_9_then_rerun_is_byte_identical(tmp_path, built, teacher_weights):
+@pytest.mark.slow
+def test_kill_9_then_rerun_is_byte_identical(tmp_path, built, pairs, teacher_weights):
     cfg, _ = built
-    args = _args(tmp_path / "killed", teacher_weights)
+    args = _args(tmp_path / "killed", pairs, teacher_weights)
     folder = tmp_path / "killed" / "cache"
     proc = subprocess.Popen(
         [sys.executable, "-c", SLOW_EMBED, "embed", *args],
@@ -125,18 +127,19 @@ def test_fp16_and_memory_mapped(built):
 
 def test_other_teacher_or_settings_are_refused(tmp_path, built):
     cfg, _ = built
-    other_teacher = load_config(None, _args(cfg.run_dir, str(tmp_path / "t.safetensors")))
+    other_teacher = load_config(None, _args(cfg.run_dir, cfg.data.path, str(tmp_path / "t.safetensors")))
     torch.manual_seed(1)
     save_state_dict(create_model(other_teacher.student).model.state_dict(), tmp_path / "t.safetensors")
     with pytest.raises(CacheMismatchError, match=f"Delete {cache_dir(cfg)}"):
         run_embed(other_teacher)
 
     with pytest.raises(CacheMismatchError, match="shard size 64"):
-        run_embed(load_config(None, _args(cfg.run_dir, cfg.teacher.pretrained, "--embed.shard_size", "128")))
+        other_shards = _args(cfg.run_dir, cfg.data.path, cfg.teacher.pretrained, "--embed.shard_size", "128")
+        run_embed(load_config(None, other_shards))
 
     cache = TeacherCache(cache_dir(cfg))
     cache.check(data_id(cfg))
     with pytest.raises(CacheMismatchError, match="was built from data"):
-        cache.check(data_id(load_config(None, _args(cfg.run_dir, "x", "--data.val_size", "256"))))
+        cache.check(data_id(load_config(None, _args(cfg.run_dir, tmp_path / "other.csv", "x"))))
     with pytest.raises(CacheMismatchError, match="not the configured one"):
         cache.check(data_id(cfg), fingerprint="0123456789abcdef")

@@ -5,7 +5,6 @@ import yaml
 
 from clipdistill.config import ConfigError, RunConfig, config_from_dict, fingerprint, load_config, to_dict
 from clipdistill.train import train
-from conftest import needs_lab
 
 
 def test_defaults_without_a_file():
@@ -107,9 +106,8 @@ def test_dict_roundtrip_and_fingerprint():
     assert fingerprint(cfg) != fingerprint(load_config(None, ["--train.lr", "2e-3"]))
 
 
-@needs_lab
-def test_train_writes_the_resolved_config(tiny_config):
-    cfg = tiny_config("--train.lr", "1e-3", "--train.steps", "1")
+def test_train_writes_the_resolved_config(pairs_config):
+    cfg = pairs_config("--train.lr", "1e-3", "--train.steps", "1")
     train(cfg)
 
     written = yaml.safe_load((Path(cfg.run_dir) / "clip" / "config.yaml").read_text())

@@ -16,9 +16,9 @@ from clipdistill.methods.clip import ClipTask
 from clipdistill.models.factory import create_model
 from clipdistill.runs import output_dir
 from clipdistill.train import train
-from conftest import needs_lab, tiny_overrides
+from conftest import pairs_overrides
 
-pytestmark = needs_lab
+pytestmark = pytest.mark.slow  # spawns two processes
 
 GLOBAL_BATCH = 8
 TRAIN = ("--train.steps", "3", "--train.lr", "1e-3")
@@ -44,7 +44,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(local_rank: int, port: int, out: str, run_dir: str) -> None:
+def _worker(local_rank: int, port: int, out: str, train_args: list[str]) -> None:
     """One rank: the env torchrun would set, then the same code path as a real run."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -69,14 +69,15 @@ def _worker(local_rank: int, port: int, out: str, run_dir: str) -> None:
     )
 
     # (b) the trainer itself
-    train(load_config(None, tiny_overrides(run_dir, *TRAIN)))
+    train(load_config(None, train_args))
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+def two_ranks(tmp_path_factory, synthetic_pairs):
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_worker, args=(_free_port(), str(out), str(out / "run")), nprocs=2, join=True)
+    train_args = pairs_overrides(out / "run", synthetic_pairs, *TRAIN)
+    mp.spawn(_worker, args=(_free_port(), str(out), train_args), nprocs=2, join=True)
     return out
 
 
@@ -96,11 +97,11 @@ def test_clip_loss_and_gradients_match_one_process(two_ranks):
     assert expected["model.logit_scale"].abs() > 0  # the temperature trains too
 
 
-def test_train_world_size_2_equals_world_size_1(two_ranks, tiny_config):
-    cfg = tiny_config(*TRAIN)
+def test_train_world_size_2_equals_world_size_1(two_ranks, pairs_config):
+    cfg = pairs_config(*TRAIN)
     single = train(cfg)
     assert single["world_size"] == 1
-    two = load_file(output_dir(load_config(None, tiny_overrides(two_ranks / "run"))) / "model.safetensors")
+    two = load_file(output_dir(pairs_config(run_dir=two_ranks / "run")) / "model.safetensors")
     one = load_file(output_dir(cfg) / "model.safetensors")
     init = _task_and_batch()[0].model.state_dict()
     assert one.keys() == two.keys()

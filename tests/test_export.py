@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,11 @@ import pytest
 import torch
 import yaml
 
+from clipdistill import export as export_module
 from clipdistill.checkpoint import save_state_dict
-from clipdistill.config import RunConfig, to_dict
-from clipdistill.evaluate.run import load_trained
+from clipdistill.config import ConfigError, RunConfig, to_dict
 from clipdistill.export import export_onnx, export_open_clip, run_export
+from clipdistill.models.classifier import load_trained
 from clipdistill.models.factory import create_model
 from clipdistill.models.heads import ComkdHead, comkd_settings, load_head
 from conftest import run_cli
@@ -114,6 +116,7 @@ print(out.shape, "torch" in sys.modules and sys.modules["torch"] is not None)
 """
 
 
+@pytest.mark.slow
 def test_onnx_image_encoder_runs_without_torch(run, tmp_path):
     folder = export_onnx(load_trained(run, "student"), tmp_path / "onnx")
     done = subprocess.run(
@@ -123,6 +126,7 @@ def test_onnx_image_encoder_runs_without_torch(run, tmp_path):
     assert done.stdout.split() == ["(2,", "32)", "False"]
 
 
+@pytest.mark.slow
 def test_cli_export_both_formats(run):
     done = run_cli(["export", "--run_dir", run.run_dir, "--export.model", "student"])
     assert done.returncode == 0, done.stderr
@@ -131,3 +135,9 @@ def test_cli_export_both_formats(run):
     assert (Path(result["onnx"]) / "image_encoder.onnx").is_file()
     done = run_cli(["export", "--run_dir", run.run_dir, "--export.model", "student", "--format", "open_clip"])
     assert done.returncode == 0 and "onnx" not in json.loads(done.stdout), done.stderr
+
+
+def test_onnx_export_without_the_onnx_package_is_refused_before_any_work(tiny_config, monkeypatch):
+    monkeypatch.setattr(export_module, "find_spec", lambda name: None if name == "onnx" else find_spec(name))
+    with pytest.raises(ConfigError, match=r"pip install 'clipdistill\[onnx\]', or --format open_clip"):
+        run_export(tiny_config("--export.model", "not_trained"))

@@ -9,7 +9,6 @@ from clipdistill.config import ConfigError, TrainConfig, to_dict
 from clipdistill.methods.task import Task
 from clipdistill.runs import output_dir
 from clipdistill.train import _fingerprinted, make_optimizer, train, training_fingerprint
-from conftest import needs_lab
 
 
 class _Task(Task):
@@ -45,9 +44,8 @@ def test_default_optimizer_keeps_the_fingerprint_of_older_runs(tiny_config):
     assert training_fingerprint(tiny_config("--train.optimizer", "sgd")) != training_fingerprint(cfg)
 
 
-@needs_lab
-def test_training_with_sgd(tiny_config):
-    cfg = tiny_config("--train.optimizer", "sgd", "--train.lr", "0.005")
+def test_training_with_sgd(pairs_config):
+    cfg = pairs_config("--train.optimizer", "sgd", "--train.lr", "0.005")
     train(cfg)
     state = safe_torch_load(output_dir(cfg) / "checkpoint.pt")
     groups = state["optimizer"]["param_groups"]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipdistill.evaluate.run import load_trained
 from clipdistill.export import export_onnx
+from clipdistill.models.classifier import load_trained
 from clipdistill.predict import (
     OnnxBackend,
     TorchBackend,
@@ -99,6 +99,7 @@ def test_embed_images(run, images, tmp_path):
     assert ids[-1] == "sub/grey.jpg" and len(ids) == 5
 
 
+@pytest.mark.slow
 def test_cli_predict_table_and_json(run, images, tmp_path):
     args = ["--model", "student", "--run-dir", run.run_dir, "--labels", ",".join(LABELS)]
     done = run_cli(

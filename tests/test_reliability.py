@@ -23,10 +23,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cid_fixtures import STAGE_ARGS, build_tiny_cache
+from cid_fixtures import build_tiny_cache, stage_args
 from clipdistill.checkpoint import safe_torch_load
 from clipdistill.cli import main
-from conftest import HAVE_LAB, needs_lab, run_cli, tiny_overrides
+from conftest import needs_lab, pairs_overrides, run_cli, tiny_overrides
 
 # ---------------------------------------------------------------- bad-input corpus
 
@@ -127,6 +127,7 @@ def _main(args: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bad_input_corpus_embed_then_train(tmp_path, capsys):
     csv, expected = _corpus(tmp_path / "data")
     run_dir = tmp_path / "run"
@@ -194,6 +195,7 @@ def _shard_corpus(folder: Path) -> tuple[str, dict[str, str], set[str], set[str]
     return str(folder / "{000..002}.tar"), expected, good, lost
 
 
+@pytest.mark.slow
 def test_cut_shard_in_the_corpus_embed_then_train(tmp_path, capsys):
     pattern, expected, good, lost = _shard_corpus(tmp_path / "data")
     run_dir = tmp_path / "run"
@@ -281,20 +283,18 @@ def _distill_run(tmp_path: Path, cache: Path) -> Path:
     return run_dir
 
 
-@needs_lab
 def test_text_bank_of_another_width_is_refused_before_any_output(tmp_path, tiny_cache, capsys):
     """ComKD compares the cached teacher features with the text bank directly: widths must match."""
     run_dir = _distill_run(tmp_path, tiny_cache)  # a 32-wide teacher cache
     (run_dir / "prompt_teacher").mkdir()
     np.save(run_dir / "prompt_teacher" / "text_bank.npy", np.ones((10, 48), np.float32))
-    code, err = _main(["train", *tiny_overrides(run_dir, *STAGE_ARGS, "--train.method", "comkd")], capsys)
+    code, err = _main(["train", *stage_args(tiny_cache, run_dir, "--train.method", "comkd")], capsys)
     assert code == 2, err
     line = _one_error_line(err)
     assert "width 32" in line and "48" in line and "must use the same teacher" in line
     assert not (run_dir / "comkd").exists()
 
 
-@needs_lab
 @pytest.mark.parametrize("method", ["fd", "icl"])
 def test_towers_of_two_widths_are_refused_before_any_output(tmp_path, tiny_cache, capsys, method):
     """fd and icl learn one projection into the teacher's space: a cache with image and text of two
@@ -304,7 +304,7 @@ def test_towers_of_two_widths_are_refused_before_any_output(tmp_path, tiny_cache
     assert meta["image_dim"] == meta["text_dim"] == 32
     meta |= {"image_dim": 40, "text_dim": 24}  # the same 64 columns, split otherwise
     (run_dir / "cache" / "meta.json").write_text(json.dumps(meta))
-    code, err = _main(["train", *tiny_overrides(run_dir, *STAGE_ARGS, "--train.method", method)], capsys)
+    code, err = _main(["train", *stage_args(tiny_cache, run_dir, "--train.method", method)], capsys)
     assert code == 2, err
     line = _one_error_line(err)
     assert f"train.method {method}" in line and "image 40 and text 24" in line
@@ -324,19 +324,18 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-@needs_lab
 @pytest.mark.parametrize("where", ["teacher", "resume"])
-def test_malicious_checkpoint_is_refused_through_the_cli(tmp_path, capsys, where):
+def test_malicious_checkpoint_is_refused_through_the_cli(tmp_path, capsys, synthetic_pairs, where):
     """A pickle that runs code, as the teacher's weights or as the checkpoint a run resumes from."""
     marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
     torch.save({"weight": torch.zeros(2), "payload": _Payload(marker)}, evil)
     run_dir = tmp_path / "run"
     if where == "teacher":
-        args = ["embed", *tiny_overrides(run_dir, "--teacher.pretrained", str(evil))]
+        args = ["embed", *pairs_overrides(run_dir, synthetic_pairs, "--teacher.pretrained", str(evil))]
     else:
         (run_dir / "clip").mkdir(parents=True)
         shutil.copy(evil, run_dir / "clip" / "checkpoint.pt")
-        args = ["train", *tiny_overrides(run_dir, "--train.method", "clip")]
+        args = ["train", *pairs_overrides(run_dir, synthetic_pairs, "--train.method", "clip")]
     code, err = _main(args, capsys)
     assert code == 1, err
     assert "refused (weights_only=True)" in _one_error_line(err)
@@ -380,14 +379,14 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-@needs_lab
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("mode", "message", "hint"),
     [("enospc", "No space left on device", "free disk space"), ("readonly", "Permission denied", "writable")],
 )
-def test_checkpoint_write_failure_keeps_previous(tmp_path, mode, message, hint):
+def test_checkpoint_write_failure_keeps_previous(tmp_path, synthetic_pairs, mode, message, hint):
     run_dir, backup = tmp_path / "run", tmp_path / "first_checkpoint.pt"
-    args = tiny_overrides(run_dir, "--train.method", "clip", "--data.val_size", "64")
+    args = pairs_overrides(run_dir, synthetic_pairs, "--train.method", "clip")
     try:
         proc = subprocess.run(
             [sys.executable, "-c", FAILING_CHECKPOINT, mode, str(backup), "train", *args],
@@ -410,7 +409,7 @@ def test_checkpoint_write_failure_keeps_previous(tmp_path, mode, message, hint):
 
 @needs_lab
 def test_stage1_stopped_before_its_text_bank_is_not_taken_for_finished(
-    tmp_path, tiny_cache, capsys, monkeypatch
+    tmp_path, lab_cache, capsys, monkeypatch
 ):
     """prompt_teacher writes the text bank (what ComKD stage 2 looks for) last: a disk that fills up
     before it leaves stage 2 refusing to start, and a rerun finishes stage 1."""
@@ -423,10 +422,10 @@ def test_stage1_stopped_before_its_text_bank_is_not_taken_for_finished(
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, array)
 
-    run_dir = _distill_run(tmp_path, tiny_cache)
-    stage1 = ["train", *tiny_overrides(run_dir, *STAGE_ARGS, "--train.role", "teacher")]
+    run_dir = _distill_run(tmp_path, lab_cache)
+    stage1 = ["train", *stage_args(lab_cache, run_dir, "--train.role", "teacher")]
     stage1 += ["--train.method", "prompt_teacher", "--train.steps", "2"]
-    stage2 = ["train", *tiny_overrides(run_dir, *STAGE_ARGS, "--train.method", "comkd", "--train.steps", "2")]
+    stage2 = ["train", *stage_args(lab_cache, run_dir, "--train.method", "comkd", "--train.steps", "2")]
     monkeypatch.setattr(prompt_teacher, "save_npy", no_space_for_the_bank)
     code, err = _main(stage1, capsys)
     assert code == 1 and "No space left on device" in _one_error_line(err)
@@ -455,21 +454,24 @@ SLOW_CURATE = (
 
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory):
-    if not HAVE_LAB:
-        pytest.skip("Fashion-MNIST is not installed")
     return build_tiny_cache(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def lab_cache(tmp_path_factory):
+    return build_tiny_cache(tmp_path_factory, lab=True)
 
 
 def _outputs(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.is_dir() else {}
 
 
-@needs_lab
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["balance", "cluster"])
 def test_kill_9_then_rerun_is_byte_identical(tmp_path, tiny_cache, stage):
     def fresh(name: str) -> list[str]:
         shutil.copytree(tiny_cache, tmp_path / name / "cache")
-        return tiny_overrides(tmp_path / name, *STAGE_ARGS)
+        return stage_args(tiny_cache, tmp_path / name)
 
     assert main([stage, *fresh("uninterrupted")]) == 0  # in this process: no interpreter start-up
     expected = _outputs(tmp_path / "uninterrupted" / stage)
@@ -540,8 +542,6 @@ KILL_WINDOWS = {
 @pytest.fixture(scope="module")
 def tiny_trained(tmp_path_factory):
     """A run folder with a tiny `clip` student trained in this process (4 steps)."""
-    if not HAVE_LAB:
-        pytest.skip("Fashion-MNIST is not installed")
     run_dir = tmp_path_factory.mktemp("trained")
     assert main(["train", *tiny_overrides(run_dir)]) == 0
     return run_dir
@@ -568,6 +568,7 @@ def _leftover_tmp(folder: Path, stage: str) -> list[Path]:
 
 
 @needs_lab
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["eval", "export"])
 def test_kill_9_of_eval_or_export_then_rerun_matches(tmp_path, tiny_trained, stage):
     """Killed mid-way, a rerun gives the uninterrupted outputs (eval the same metrics, export the same

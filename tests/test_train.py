@@ -16,9 +16,7 @@ from clipdistill.config import ConfigError
 from clipdistill.methods.clip import ClipTask
 from clipdistill.runs import output_dir
 from clipdistill.train import TrainingDiverged, train
-from conftest import needs_lab, run_cli, tiny_overrides
-
-pytestmark = needs_lab
+from conftest import pairs_overrides, run_cli
 
 # `clipdistill train` with every step slowed down, so that a kill lands mid-way
 SLOW_TRAIN = (
@@ -38,9 +36,10 @@ def _metrics(folder) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(tmp_path, tiny_config):
+@pytest.mark.slow
+def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(tmp_path, pairs_config, synthetic_pairs):
     extra = ("--train.deterministic", "true", "--train.steps", "12", "--train.ckpt_every", "2")
-    args = ["train", *tiny_overrides(tmp_path / "killed", *extra)]
+    args = ["train", *pairs_overrides(tmp_path / "killed", synthetic_pairs, *extra)]
     out = tmp_path / "killed" / "clip"
     proc = subprocess.Popen(
         [sys.executable, "-c", SLOW_TRAIN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -60,7 +59,7 @@ def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(tmp_path, tiny_con
     assert rerun.returncode == 0, rerun.stderr
     assert read_json(out / "done.json")["steps"] == 12
 
-    reference = tiny_config(*extra, run_dir=tmp_path / "uninterrupted")
+    reference = pairs_config(*extra, run_dir=tmp_path / "uninterrupted")
     train(reference)
     ref_out = output_dir(reference)
     resumed, uninterrupted = load_file(out / "model.safetensors"), load_file(ref_out / "model.safetensors")
@@ -76,7 +75,7 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_with_another_config_is_refused_before_any_work(tiny_config, monkeypatch):
+def test_resume_with_another_config_is_refused_before_any_work(pairs_config, monkeypatch):
     save, load_model = train_module.save_training_state, train_module.load_model_for
 
     def save_then_crash(state, path):
@@ -85,7 +84,7 @@ def test_resume_with_another_config_is_refused_before_any_work(tiny_config, monk
 
     monkeypatch.setattr(train_module, "save_training_state", save_then_crash)
     with pytest.raises(Interrupted):
-        train(tiny_config())  # stops right after the step-2 checkpoint
+        train(pairs_config())  # stops right after the step-2 checkpoint
     monkeypatch.setattr(train_module, "save_training_state", save)
 
     def no_work(cfg, task_cls):
@@ -93,17 +92,17 @@ def test_resume_with_another_config_is_refused_before_any_work(tiny_config, monk
 
     monkeypatch.setattr(train_module, "load_model_for", no_work)
     with pytest.raises(ConfigError) as info:
-        train(tiny_config("--train.lr", "1e-3"))
+        train(pairs_config("--train.lr", "1e-3"))
     assert "was written with another config (train.lr 0.002 -> 0.001)" in str(info.value)
     assert "--train.resume never" in str(info.value)
 
     # logging and checkpoint settings may change: the run resumes at step 2
     monkeypatch.setattr(train_module, "load_model_for", load_model)
-    assert train(tiny_config("--train.log_every", "3", "--train.ckpt_every", "5"))["steps"] == 4
-    assert [r["step"] for r in _metrics(output_dir(tiny_config()))] == [1, 2, 3, 4]
+    assert train(pairs_config("--train.log_every", "3", "--train.ckpt_every", "5"))["steps"] == 4
+    assert [r["step"] for r in _metrics(output_dir(pairs_config()))] == [1, 2, 3, 4]
 
 
-def test_nan_loss_is_training_diverged(tiny_config, monkeypatch):
+def test_nan_loss_is_training_diverged(pairs_config, monkeypatch):
     forward, calls = ClipTask.forward, []
 
     def nan_at_third_step(self, batch):
@@ -114,14 +113,14 @@ def test_nan_loss_is_training_diverged(tiny_config, monkeypatch):
         return parts
 
     monkeypatch.setattr(ClipTask, "forward", nan_at_third_step)
-    cfg = tiny_config()
+    cfg = pairs_config()
     with pytest.raises(TrainingDiverged, match="loss is nan at step 3: lower --train.lr") as info:
         train(cfg)
     assert str(output_dir(cfg) / "checkpoint.pt") in str(info.value)
     assert not (output_dir(cfg) / "done.json").exists()
 
 
-def test_gradient_accumulation(tiny_config, monkeypatch):
+def test_gradient_accumulation(pairs_config, monkeypatch):
     forward, sizes = ClipTask.forward, []
 
     def counting(self, batch):
@@ -129,7 +128,7 @@ def test_gradient_accumulation(tiny_config, monkeypatch):
         return forward(self, batch)
 
     monkeypatch.setattr(ClipTask, "forward", counting)
-    cfg = tiny_config("--train.accum_steps", "2")
+    cfg = pairs_config("--train.accum_steps", "2")
     train(cfg)
     assert sizes == [16] * 8  # 4 steps of 2 micro-batches of 32 / 2
     records = _metrics(output_dir(cfg))
@@ -137,11 +136,11 @@ def test_gradient_accumulation(tiny_config, monkeypatch):
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
 
     with pytest.raises(ConfigError, match="must divide by accum_steps"):
-        train(tiny_config("--train.accum_steps", "3", "--train.name", "odd"))
+        train(pairs_config("--train.accum_steps", "3", "--train.name", "odd"))
 
 
-def test_outputs_and_metrics(tiny_config):
-    cfg = tiny_config("--train.lr", "1e-3")
+def test_outputs_and_metrics(pairs_config):
+    cfg = pairs_config("--train.lr", "1e-3")
     result = train(cfg)
     out = output_dir(cfg)
 
@@ -159,21 +158,21 @@ def test_outputs_and_metrics(tiny_config):
     assert "logit_scale" in load_file(out / "model.safetensors")
 
 
-def test_done_json_makes_a_rerun_return_at_once(tiny_config, monkeypatch):
-    first = train(tiny_config())
+def test_done_json_makes_a_rerun_return_at_once(pairs_config, monkeypatch):
+    first = train(pairs_config())
 
     def no_work(cfg, task_cls):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(train_module, "load_model_for", no_work)
-    assert train(tiny_config()) == first
+    assert train(pairs_config()) == first
     # settings that do not change the trained model do not matter
     assert (
-        train(tiny_config("--train.log_every", "2", "--eval.batch_size", "7", "--lab.rows", "[a, b]"))
+        train(pairs_config("--train.log_every", "2", "--eval.batch_size", "7", "--lab.rows", "[a, b]"))
         == first
     )
     with pytest.raises(ConfigError, match="already holds a finished run with another config"):
-        train(tiny_config("--train.lr", "1e-3"))
+        train(pairs_config("--train.lr", "1e-3"))
 
 
 @pytest.mark.parametrize(
@@ -184,9 +183,9 @@ def test_done_json_makes_a_rerun_return_at_once(tiny_config, monkeypatch):
         (("--train.method", "magic"), "train.method: 'magic' is not one of 'clip', 'cid'"),
     ],
 )
-def test_bad_train_settings_are_refused_when_the_config_loads(tiny_config, override, message):
+def test_bad_train_settings_are_refused_when_the_config_loads(pairs_config, override, message):
     with pytest.raises(ConfigError, match=message):
-        tiny_config(*override)
+        pairs_config(*override)
 
 
 def test_checkpoints_carry_the_cuda_generator_when_there_is_one(monkeypatch):
@@ -204,14 +203,14 @@ def test_checkpoints_carry_the_cuda_generator_when_there_is_one(monkeypatch):
     assert restored == [saved]
 
 
-def test_config_yaml_is_written_atomically(tiny_config, monkeypatch):
+def test_config_yaml_is_written_atomically(pairs_config, monkeypatch):
     written, atomic_write = [], train_module.atomic_write
     def recorded(path, write):
         written.append(path)
         atomic_write(path, write)
 
     monkeypatch.setattr(train_module, "atomic_write", recorded)
-    cfg = tiny_config()
+    cfg = pairs_config()
     train(cfg)
     assert output_dir(cfg) / "config.yaml" in written
     assert yaml.safe_load((output_dir(cfg) / "config.yaml").read_text())["train"]["steps"] == cfg.train.steps

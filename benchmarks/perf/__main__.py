@@ -1,4 +1,4 @@
-"""Run the performance suite: each ratio of issue #7 with its target, verdict and reproducing command.
+"""Run the performance suite: each ratio with its target, verdict and reproducing command.
 
     .venv/bin/python -m benchmarks.perf            # everything, lab models (about 15 min on 2 idle cores)
     .venv/bin/python -m benchmarks.perf --quick    # tiny models and sizes: a smoke run

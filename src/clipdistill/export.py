@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipdistill.checkpoint import atomic_write, save_npy, save_state_dict, write_json
-from clipdistill.config import RunConfig
+from clipdistill.config import ConfigError, RunConfig
+from clipdistill.models.classifier import load_trained
 from clipdistill.models.factory import LoadedModel, _resolve_hf_names
 from clipdistill.models.heads import ComkdHead, load_head
 from clipdistill.runs import model_dir, model_name, sweep_temps
@@ -167,9 +169,11 @@ def export_onnx(loaded: LoadedModel, folder: Path, head: ComkdHead | None = None
 
 def run_export(cfg: RunConfig) -> dict:
     """Export `cfg.export.model` of the run dir in `cfg.export.format`."""
-    from clipdistill.evaluate.run import load_trained
-
     fmt = cfg.export.format
+    if fmt in ("onnx", "all") and find_spec("onnx") is None:  # torch's exporter imports it at the end
+        raise ConfigError(
+            "ONNX export needs the onnx package: pip install 'clipdistill[onnx]', or --format open_clip"
+        )
     name = model_name(cfg, cfg.export.model)
     loaded = load_trained(cfg, name)
     out = model_dir(cfg, name) / "export"

@@ -8,9 +8,6 @@ import pytest
 from cid_fixtures import build_tiny_cache, stage_config
 from clipdistill.cache import TeacherCache
 from clipdistill.curate.stages import CacheView, run_balance, run_cluster
-from conftest import needs_lab
-
-pytestmark = needs_lab
 
 
 @pytest.fixture(scope="module")

@@ -128,6 +128,7 @@ def test_truncated_dataset_file_in_a_folder(tmp_path):
         load_lab(DataConfig(path=str(tmp_path), val_size=10))
 
 
+@needs_lab
 def test_shifted_domain_is_a_real_transform_of_every_split(lab):
     images = lab.test.images[:50].numpy()
     assert np.array_equal(shift_domain(images, "inverted"), 255 - images)

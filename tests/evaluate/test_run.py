@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from clipdistill.config import ConfigError, load_config
-from clipdistill.evaluate.run import evaluate_model, load_trained, run_eval
+from clipdistill.evaluate.run import evaluate_model, run_eval
+from clipdistill.models.classifier import load_trained
 from clipdistill.models.factory import count_parameters
 from clipdistill.runs import output_dir
 from clipdistill.train import train

@@ -206,6 +206,7 @@ def _worker(rank: int, init_method: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sharded_and_gathered_losses_match_one_process(tmp_path: Path) -> None:
     mp.spawn(_worker, args=(f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]

@@ -12,9 +12,6 @@ from cid_fixtures import build_tiny_cache, stage_config
 from clipdistill.methods import needs_teacher_cache
 from clipdistill.methods.baselines import BASELINES
 from clipdistill.train import train
-from conftest import needs_lab
-
-pytestmark = needs_lab
 
 
 @pytest.fixture(scope="module")

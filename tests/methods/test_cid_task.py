@@ -12,9 +12,6 @@ from cid_fixtures import build_tiny_cache, stage_config
 from clipdistill.config import ConfigError
 from clipdistill.curate.stages import run_balance, run_cluster
 from clipdistill.train import train
-from conftest import needs_lab
-
-pytestmark = needs_lab
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ STAGE1 = ("--train.role", "teacher", "--train.method", "prompt_teacher", "--trai
 
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory):
-    return build_tiny_cache(tmp_path_factory)
+    return build_tiny_cache(tmp_path_factory, lab=True)
 
 
 @pytest.fixture(scope="module")

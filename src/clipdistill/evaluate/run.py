@@ -25,7 +25,7 @@ from clipdistill.evaluate.own_data import evaluate_own_data, markdown
 from clipdistill.evaluate.protocols import base_to_novel, domain_shift
 from clipdistill.evaluate.retrieval import retrieval_recall
 from clipdistill.evaluate.zeroshot import predict_with_classifier, zeroshot_accuracy
-from clipdistill.models.classifier import TrainedClassifier, load_trained  # noqa: F401  (used by stages)
+from clipdistill.models.classifier import TrainedClassifier
 from clipdistill.models.factory import LoadedModel
 from clipdistill.runs import model_dir, model_name, sweep_temps
 
