@@ -180,6 +180,8 @@ def test_demo_and_bench_start_from_the_lab_file(capsys):
         assert printed["lab"]["teacher_steps"] == lab["lab"]["teacher_steps"]
     assert main(["train", "--print-config"]) == 0  # other stages: the code's defaults
     assert yaml.safe_load(capsys.readouterr().out)["train"]["steps"] == RunConfig().train.steps
+
+
 def test_a_mistyped_key_names_the_close_one():
     with pytest.raises(ConfigError, match=r"caption_kye: did you mean 'caption_key'\?"):
         load_config(None, ["--data.caption_kye", "title"])

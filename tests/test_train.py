@@ -205,6 +205,7 @@ def test_checkpoints_carry_the_cuda_generator_when_there_is_one(monkeypatch):
 
 def test_config_yaml_is_written_atomically(pairs_config, monkeypatch):
     written, atomic_write = [], train_module.atomic_write
+
     def recorded(path, write):
         written.append(path)
         atomic_write(path, write)

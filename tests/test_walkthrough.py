@@ -68,9 +68,7 @@ def workdir(tmp_path, monkeypatch):
     held_out.to_csv(tmp_path / "data" / "labelled.csv", index=False)
     (tmp_path / "photos").mkdir()
     for i, name in enumerate(CLASSES):
-        draw_shape(name, np.random.default_rng(10 + i)).save(
-            tmp_path / "photos" / f"{i}.png"
-        )
+        draw_shape(name, np.random.default_rng(10 + i)).save(tmp_path / "photos" / f"{i}.png")
     (tmp_path / "mydata.yaml").write_text(CONFIG)
     cache = hf_cache(tmp_path / "hf", REPO, tiny_model(), tiny_model_config(), "open_clip_model.safetensors")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))

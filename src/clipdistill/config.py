@@ -115,7 +115,7 @@ class EvalConfig:
 
 @dataclass
 class CidConfig:
-    """CLIP-CID (DESIGN 3): loss weights, the margin softmax over cluster prototypes, InfoNCE."""
+    """CLIP-CID (docs/methods.md): loss weights, the margin softmax over cluster prototypes, InfoNCE."""
 
     lambda_cd: float = 1.0  # cluster discrimination weight (0 = off)
     lambda_id: float = 1.0  # instance discrimination weight (0 = off)
@@ -130,7 +130,7 @@ class CidConfig:
 
 @dataclass
 class ComkdConfig:
-    """ComKD-CLIP (DESIGN 4): stage 1 prompt tuning of the teacher, stage 2 distillation."""
+    """ComKD-CLIP (docs/methods.md): stage 1 prompt tuning of the teacher, stage 2 distillation."""
 
     n_ctx: int = 4  # learnable text context tokens (CoOp), class name after them
     vpt_depth: int = 0  # VPT-deep: blocks that get fresh visual prompts (0 = text prompts only)
@@ -152,7 +152,7 @@ class ComkdConfig:
 
 @dataclass
 class BalanceConfig:
-    """Image semantic balance (DESIGN 3.1) over the teacher cache."""
+    """Image semantic balance (docs/methods.md) over the teacher cache."""
 
     tau_p: float = 0.98  # perceptual pass: cosine at which two images count as the same
     n_clusters: int = 100
@@ -174,7 +174,7 @@ class ClusterConfig:
 
 @dataclass
 class DistillConfig:
-    """The baselines (DESIGN 5): L = L_clip + weight * L_kd (openclip_distill already holds L_clip)."""
+    """The baselines (docs/methods.md): L = L_clip + weight * L_kd (openclip_distill already holds L_clip)."""
 
     weight: float = 1.0  # lambda of the distillation term (0 = plain CLIP)
     teacher_logit_scale: float = 100.0  # not in the cache: CLIP's trained value

@@ -1,4 +1,4 @@
-"""Image semantic balance (DESIGN 3.1): drop perceptual, then semantic, redundancy.
+"""Image semantic balance (CLIP-CID, docs/methods.md): drop perceptual, then semantic, redundancy.
 
 Inputs are L2-normalised teacher image embeddings [N, D], possibly memory-mapped float16. They
 are never read whole: rows stream in chunks, and memory stays O(chunk·D + N ints).

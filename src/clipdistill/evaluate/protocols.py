@@ -1,4 +1,4 @@
-"""ComKD's evaluation protocols (DESIGN 4): base-to-novel and domain generalisation.
+"""ComKD's evaluation protocols (docs/methods.md): base-to-novel and domain generalisation.
 
 Base-to-novel follows CoOp/PromptKD: the classes are split in two by a seeded draw; base accuracy
 is measured on base-class test images with logits over the base classes only, novel accuracy

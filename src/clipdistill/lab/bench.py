@@ -2,7 +2,7 @@
 
 It is the demo's pipeline (`demo.run_demo`) with more rows and seeds, so a killed bench resumes
 where it stopped: finished trainings and evaluations are reused. On top it writes the results as
-a Markdown table and three plots (DESIGN section 7 names).
+a Markdown table and three plots (row and metric names of docs/architecture.md, "Lab results").
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from clipdistill.runs import model_dir, seed_run_name
 
 # Rows recorded as another row's results: CLIP-CID already trains on all the data.
 ALIASES = {"cid_all_data": "cid"}
-# Every row of DESIGN section 7 (the teacher is always evaluated); rows no method registers are skipped.
+# Every row of the lab results (docs/architecture.md); the teacher is always evaluated.
 ALL_ROWS = [
     "no_kd", "cid", "cid_no_cluster", "cid_no_instance", "cid_balanced", "cid_random_subset",
     "cid_all_data", "fd", "crd", "icl", "tinyclip_affinity", "openclip_distill", "teacher_zeroshot",

@@ -18,7 +18,7 @@ from clipdistill.evaluate.run import run_eval
 from clipdistill.runs import model_dir, seed_run_name
 from clipdistill.train import train
 
-# ComKD stage 2 (DESIGN 4) starts from the CID student of the same seed: the two methods chain.
+# ComKD stage 2 starts from the CID student of the same seed: the two methods chain.
 STAGE2 = {"comkd.student_init": "cid", "eval.protocol": "all"}
 CROSS = {"data.domain": "blurred", "eval.protocol": "base_to_novel"}
 # Row name -> config overrides as dotted `section.key` (method and, for ablations, its settings).
@@ -34,7 +34,7 @@ ROWS: dict[str, dict] = {
     "icl": {"train.method": "icl"},
     "tinyclip_affinity": {"train.method": "tinyclip_affinity"},
     "openclip_distill": {"train.method": "openclip_distill"},
-    # ComKD (DESIGN 4): `prompt_teacher` (stage 1) must come before the rows that distil from it.
+    # ComKD: `prompt_teacher` (stage 1) must come before the rows that distil from it.
     "prompt_teacher": {
         "train.role": "teacher",
         "train.method": "prompt_teacher",
@@ -157,7 +157,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def run_demo(cfg: RunConfig) -> dict:
-    """Teacher -> embed -> students -> eval -> `<run_dir>/results.json` (DESIGN section 7 schema)."""
+    """Teacher -> embed -> students -> eval -> `<run_dir>/results.json` (docs/architecture.md)."""
     start = time.time()
     stage_seconds = {}
     tick = time.time()

@@ -1,4 +1,4 @@
-"""Baseline distillation losses (DESIGN section 5): CLIP-KD's FD, CRD and ICL, TinyCLIP's affinity
+"""Baseline distillation losses (docs/methods.md): CLIP-KD's FD, CRD and ICL, TinyCLIP's affinity
 mimicking, and open_clip's `DistillClipLoss`.
 
 Teacher embeddings come from a cache (detached), student embeddings are live; both arrive

@@ -1,4 +1,4 @@
-"""CLIP-CID's two distillation losses (DESIGN section 3): cluster and instance discrimination.
+"""CLIP-CID's two distillation losses (docs/methods.md): cluster and instance discrimination.
 
 Gradient convention (the same as `ClipLoss`): autograd through the collectives sums every rank's
 objective, so the local embeddings receive `world_size` times the gradient of the global-batch

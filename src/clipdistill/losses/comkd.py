@@ -1,4 +1,4 @@
-"""ComKD-CLIP (Chen et al., 2024; DESIGN section 4): projector P, IFAlign, EduAttention and the
+"""ComKD-CLIP (Chen et al., 2024; docs/methods.md): projector P, IFAlign, EduAttention and the
 refinement KD.
 
 The student has no text tower: `text_bank` is the teacher's L2-normalised class-name features

@@ -1,4 +1,4 @@
-"""The distillation baselines (DESIGN 5) as recipes on the shared trainer.
+"""The distillation baselines (docs/methods.md) as recipes on the shared trainer.
 
 Each is L = L_clip(student) + λ·L_kd with L_kd one loss of `clipdistill.losses.baselines`, fed
 the cached teacher rows of the batch (the teacher never runs here). open_clip's `DistillClipLoss`

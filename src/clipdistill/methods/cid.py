@@ -1,4 +1,4 @@
-"""CLIP-CID (DESIGN 3): the student's CLIP loss plus cluster and instance discrimination.
+"""CLIP-CID (docs/methods.md): the student's CLIP loss plus cluster and instance discrimination.
 
 Everything teacher-side comes from disk: the cached teacher rows in each batch and the k-means
 centroids and labels written by `clipdistill cluster`. The teacher model never runs here.

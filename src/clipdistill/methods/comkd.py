@@ -1,4 +1,4 @@
-"""ComKD stage 2 (DESIGN 4): distil a prompt-tuned teacher into a student on UNLABELED images.
+"""ComKD stage 2 (docs/methods.md): distil a prompt-tuned teacher into a student on UNLABELED images.
 
 The student's image encoder and a head (projector P, EduAttention, the teacher's text bank W_t)
 train against the teacher's cached image features u_t: refinement KL between the two zero-shot
@@ -155,4 +155,3 @@ def build_comkd(cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) ->
         )
     train_rows = base_class_rows(cfg) if cfg.comkd.inductive else None
     return ComkdTask(model, text_bank, comkd_settings(cfg), teacher_images, skip, train_rows)
-

@@ -50,4 +50,3 @@ def labelled_train(cfg: RunConfig) -> LabelledTrain:
         "ComKD's stage 1 and inductive variant need class labels: data.kind lab or paper, "
         f"not {cfg.data.kind!r}"
     )
-

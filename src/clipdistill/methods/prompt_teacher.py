@@ -1,4 +1,5 @@
-"""ComKD stage 1 (DESIGN 4): the teacher learns text prompts with cross-entropy on labeled BASE classes.
+"""ComKD stage 1 (docs/methods.md): the teacher learns text prompts with cross-entropy on labeled BASE
+classes.
 
 Everything in the teacher stays frozen; only the CoOp context trains. When training ends the task
 writes, next to the run's outputs, the text bank W_t (L2-normalised features of ALL class names,
