@@ -13,7 +13,7 @@ from conftest import pairs_overrides, tiny_overrides, write_pairs
 
 # An untrained tiny teacher puts most images above cosine 0.98, so these keep the passes meaningful.
 STAGE_ARGS = (
-    "--teacher.pretrained", "", "--data.val_size", "64", "--embed.shard_size", "100",
+    "--data.val_size", "64", "--embed.shard_size", "100",
     "--balance.n_clusters", "8", "--balance.tau_p", "0.99995", "--cluster.n_clusters", "8",
 )  # fmt: skip
 
