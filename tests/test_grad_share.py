@@ -4,6 +4,7 @@ default path that is untouched (same weights, same random state, no extra backwa
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -11,12 +12,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipdistill.config import ComkdConfig, DistillConfig, ModelConfig, TrainConfig
+from clipdistill.config import NEWER_DEFAULTS, ComkdConfig, DistillConfig, ModelConfig, TrainConfig, to_dict
 from clipdistill.methods.baselines import BaselineTask
 from clipdistill.methods.comkd import ComkdTask
 from clipdistill.methods.task import Task, loss_terms
 from clipdistill.models.factory import create_student
-from clipdistill.train import gradient_shares, make_trainer, train_step
+from clipdistill.runs import output_dir
+from clipdistill.train import (
+    _fingerprinted,
+    gradient_shares,
+    make_trainer,
+    train,
+    train_step,
+    training_fingerprint,
+)
 
 
 class TwoTerms(Task):
@@ -73,6 +82,17 @@ def test_grad_share_is_logged_on_log_steps_only_and_leaves_training_bit_identica
     assert torch.equal(off_rng, on_rng)  # no extra draw
     for off, on in zip(off_parts, on_parts, strict=True):
         assert {k: v for k, v in on.items() if not k.startswith("grad_")} == off
+
+
+def test_train_writes_the_shares_to_metrics_and_keeps_the_fingerprint(pairs_config):
+    cfg = pairs_config("--train.grad_share", "true", "--train.log_every", "2")
+    assert training_fingerprint(cfg) == training_fingerprint(pairs_config())  # logging only: resumable
+    train(cfg)
+    lines = (output_dir(cfg) / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [2, 4]
+    for r in records:  # plain CLIP has one term: all of the shared gradient is its
+        assert r["grad_share/clip"] == 1.0 and r["grad_norm/clip"] > 0
 
 
 def test_gradient_norms_are_over_the_shared_parameters_only():
@@ -160,3 +180,16 @@ def test_baselines_report_clip_and_kd_terms(tiny_student, kind):
     assert out["grad_norm/clip"] > 0 and out["grad_norm/kd"] > 0
     if kind == "icl":
         assert "kd_loss.logit_scale" in {name for name, _ in task.trainable_parameters()}
+
+
+def test_the_new_method_keys_at_their_defaults_keep_older_runs_fingerprints(pairs_config):
+    """Runs written before the ComKD and ICL options existed still resume and still count as done."""
+    cfg = pairs_config("--train.method", "comkd")
+    now = _fingerprinted(to_dict(cfg))
+    older = to_dict(cfg)
+    for section, keys in NEWER_DEFAULTS.items():
+        for key in keys:
+            older[section].pop(key)
+    assert _fingerprinted(older) == now
+    changed = pairs_config("--train.method", "comkd", "--comkd.kd_reduction", "promptkd")
+    assert training_fingerprint(changed) != training_fingerprint(cfg)  # a new value is a new run
