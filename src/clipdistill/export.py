@@ -167,6 +167,15 @@ def export_onnx(loaded: LoadedModel, folder: Path, head: ComkdHead | None = None
     return folder
 
 
+def refuse_prompted_student(folder: Path, head: ComkdHead | None) -> None:
+    """A ComKD student whose image tower runs with learned visual prompts: export does not carry them."""
+    if head is not None and "visual_prompts.prompts" in load_state_dict(folder / "heads.safetensors"):
+        raise ConfigError(
+            f"{folder.name} runs its image tower with learned visual prompts, which export does not carry "
+            "yet: evaluate and predict it with the torch backend"
+        )
+
+
 def run_export(cfg: RunConfig) -> dict:
     """Export `cfg.export.model` of the run dir in `cfg.export.format`."""
     fmt = cfg.export.format
@@ -176,13 +185,8 @@ def run_export(cfg: RunConfig) -> dict:
         )
     name = model_name(cfg, cfg.export.model)
     loaded = load_trained(cfg, name)
-    folder = model_dir(cfg, name)
-    head = load_head(folder) if name != "teacher" else None
-    if head is not None and "visual_prompts.prompts" in load_state_dict(folder / "heads.safetensors"):
-        raise ConfigError(
-            f"{name} runs its image tower with learned visual prompts, which export does not carry yet: "
-            "evaluate and predict it with the torch backend"
-        )
+    head = load_head(model_dir(cfg, name)) if name != "teacher" else None
+    refuse_prompted_student(model_dir(cfg, name), head)
     out = model_dir(cfg, name) / "export"
     result: dict = {"model": name}
     if fmt in ("open_clip", "all"):

@@ -25,6 +25,7 @@ from clipdistill.models.classifier import TrainedClassifier
 from clipdistill.models.factory import count_parameters, create_student, create_teacher
 from clipdistill.models.heads import ComkdHead, load_head
 from clipdistill.models.prompts import TextPromptLearner, VisualPromptLearner, attach_visual_prompts
+from clipdistill.predict import load_backend
 from clipdistill.train import train
 from conftest import needs_lab
 
@@ -186,6 +187,8 @@ def test_prompted_student_with_cross_attention_trains_evaluates_and_export_refus
     cfg.export.model = "comkd"
     with pytest.raises(ConfigError, match="visual prompts"):
         run_export(cfg)
+    with pytest.raises(ConfigError, match="visual prompts"):  # predict's ONNX backend exports first
+        load_backend("comkd", "onnx", None, str(tmp_path / "run"))
 
 
 def test_comkd_needs_the_text_bank(tiny_cache, tmp_path):
