@@ -89,8 +89,9 @@ def test_onnx_matches_pytorch(run, tmp_path, batch):
     assert got_text.shape == want_text.shape and np.abs(got_text - want_text).max() <= 1e-4
 
 
-def test_comkd_head_and_bank_exported(tiny_config):
-    cfg = tiny_config()
+@pytest.mark.parametrize("eduattention", ["mean_text", "cross"])
+def test_comkd_head_and_bank_exported(tiny_config, eduattention):
+    cfg = tiny_config("--comkd.eduattention", eduattention, "--comkd.attention_heads", "4")
     fake_run(cfg, "kd", method="comkd")
     cfg.export.model, cfg.export.format = "kd", "onnx"
     folder = Path(run_export(cfg)["onnx"])

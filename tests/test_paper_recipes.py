@@ -27,9 +27,11 @@ TINY = (
     "--teacher.name", "lab-student-tiny", "--teacher.pretrained", "random",
     "--student.name", "lab-student-tiny", "--student.pretrained", "",
     "--train.device", "cpu", "--embed.device", "cpu", "--eval.device", "cpu",
+    "--comkd.student_vpt_depth", "1", "--comkd.attention_heads", "1",  # the tiny student has one block
 )  # fmt: skip
 DIM, ROWS = 32, 16  # the tiny models' embedding width; rows of the stand-in teacher cache
-KD_200 = {"fgvc_aircraft", "oxford_flowers", "dtd"}  # PromptKD's KD weight 200; 1000 elsewhere
+# PromptKD's KD weight 200 (scripts/promptkd/base2new_train.sh); 1000 elsewhere, DTD included
+KD_200 = {"fgvc_aircraft", "oxford_flowers"}
 # CoOp's train split sizes: the steps of the per-dataset table are 20 epochs of N // 8 batches
 N_TRAIN = {
     "imagenet": 1281167, "caltech101": 4128, "oxford_pets": 2944, "stanford_cars": 6509,
@@ -132,6 +134,15 @@ def test_comkd_recipes_have_promptkd_hyperparameters(recipe, tmp_path):
         assert cfg.train.method == "promptkd" and not settings.use_ifalign and not settings.use_eduattention
     else:
         assert cfg.train.method == "comkd" and settings.use_ifalign and settings.use_eduattention
+    # PromptKD's KD reduction and student (prompts in 9 blocks, frozen tower) in both rows, so they
+    # differ in IFAlign and EduAttention only
+    recipe_cfg = load_config(str(recipe)).comkd
+    assert recipe_cfg.kd_reduction == "promptkd" and recipe_cfg.freeze_backbone
+    assert (recipe_cfg.student_vpt_depth, recipe_cfg.student_vpt_tokens) == (9, 4)
+    if recipe == COMKD:  # the paper's modules: IFAlign's L1 norms, the cross-attention
+        assert (recipe_cfg.ifalign_reduction, recipe_cfg.eduattention) == ("sum", "cross")
+    trainable = {name for name, _ in task.trainable_parameters()}
+    assert "visual_prompts.prompts" in trainable and not any(n.startswith("model.") for n in trainable)
     parts = training_step(task, optimizer)
     assert torch.isfinite(parts["loss"]) and parts["kd"] >= 0
 

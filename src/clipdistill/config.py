@@ -39,6 +39,9 @@ Resume = Literal["auto", "never"]
 Protocol = Literal["standard", "base_to_novel", "domain", "all"]
 Suite = Literal["", "base_to_novel", "cross_dataset", "domain_generalization", "linear_probe"]
 ExportFormat = Literal["open_clip", "onnx", "all"]
+EduAttentionKind = Literal["mean_text", "cross"]  # losses/comkd.py
+Reduction = Literal["mean", "sum"]
+KdReduction = Literal["batchmean", "promptkd"]
 
 
 @dataclass
@@ -91,6 +94,8 @@ class TrainConfig:
     resume: Resume = "auto"
     tensorboard: bool = False
     subset: str = ""  # kept-ids file (from `balance`) restricting the training samples
+    # every log_every steps, each loss term's gradient norm on the parameters the terms share, and its share
+    grad_share: bool = False
 
 
 @dataclass
@@ -137,7 +142,15 @@ class ComkdConfig:
     vpt_tokens: int = 0  # visual prompt tokens per block (set with vpt_depth)
     base_fraction: float = 0.5  # share of classes that are "base" (labeled in stage 1)
     split_seed: int = 0
-    attention_scale: float = 1.0  # C in EduAttention
+    eduattention: EduAttentionKind = "mean_text"  # mean_text: softmax(p·W_tᵀ/C)·W_t; cross: learned Q/K/V
+    attention_scale: float = 1.0  # C in the mean_text EduAttention
+    attention_heads: int = 1  # heads of the cross EduAttention
+    attention_temperature: float = 0.01  # the cross EduAttention's learned temperature, its start (CLIP's τ)
+    ifalign_reduction: Reduction = "mean"  # IFAlign's L1 norms over dimensions: mean or sum (the paper's)
+    kd_reduction: KdReduction = "batchmean"  # promptkd: sum·T²/(batch x classes), PromptKD's code
+    student_vpt_depth: int = 0  # stage 2: blocks of the student's ViT with deep visual prompts (0 = none)
+    student_vpt_tokens: int = 4  # visual prompt tokens per block (with student_vpt_depth)
+    freeze_backbone: bool = False  # stage 2: the student's image tower frozen (prompts and head train)
     temperature: float = 1.0  # T of the refinement KL
     logit_scale: float = 100.0  # τ⁻¹
     lambda_kd: float = 1.0
@@ -179,6 +192,7 @@ class DistillConfig:
     weight: float = 1.0  # lambda of the distillation term (0 = plain CLIP)
     teacher_logit_scale: float = 100.0  # not in the cache: CLIP's trained value
     crd_temperature: float = 1.0  # softens both similarity distributions in crd
+    icl_own_scale: bool = False  # icl: its own learnable cross-modal logit scale from 1/0.07 (CLIP-KD's code)
 
 
 @dataclass
@@ -199,6 +213,16 @@ class ExportConfig:
     model: str = ""  # a train folder name under the run dir ("" = train.name or train.method)
     format: ExportFormat = "all"
     opset: int = 17
+
+
+# Keys newer than runs they leave unchanged at these values: the training fingerprint leaves them out
+# there, so older runs still match.
+NEWER_DEFAULTS = {
+    "comkd": {"eduattention": "mean_text", "attention_heads": 1, "attention_temperature": 0.01,
+              "ifalign_reduction": "mean", "kd_reduction": "batchmean", "student_vpt_depth": 0,
+              "student_vpt_tokens": 4, "freeze_backbone": False},
+    "distill": {"icl_own_scale": False},
+}  # fmt: skip
 
 
 @dataclass

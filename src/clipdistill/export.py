@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipdistill.checkpoint import atomic_write, save_npy, save_state_dict, write_json
+from clipdistill.checkpoint import atomic_write, load_state_dict, save_npy, save_state_dict, write_json
 from clipdistill.config import ConfigError, RunConfig
 from clipdistill.models.classifier import load_trained
 from clipdistill.models.factory import LoadedModel, _resolve_hf_names
@@ -167,6 +167,15 @@ def export_onnx(loaded: LoadedModel, folder: Path, head: ComkdHead | None = None
     return folder
 
 
+def refuse_prompted_student(folder: Path, head: ComkdHead | None) -> None:
+    """A ComKD student whose image tower runs with learned visual prompts: export does not carry them."""
+    if head is not None and "visual_prompts.prompts" in load_state_dict(folder / "heads.safetensors"):
+        raise ConfigError(
+            f"{folder.name} runs its image tower with learned visual prompts, which export does not carry "
+            "yet: evaluate and predict it with the torch backend"
+        )
+
+
 def run_export(cfg: RunConfig) -> dict:
     """Export `cfg.export.model` of the run dir in `cfg.export.format`."""
     fmt = cfg.export.format
@@ -176,11 +185,12 @@ def run_export(cfg: RunConfig) -> dict:
         )
     name = model_name(cfg, cfg.export.model)
     loaded = load_trained(cfg, name)
+    head = load_head(model_dir(cfg, name)) if name != "teacher" else None
+    refuse_prompted_student(model_dir(cfg, name), head)
     out = model_dir(cfg, name) / "export"
     result: dict = {"model": name}
     if fmt in ("open_clip", "all"):
         result["open_clip"] = str(export_open_clip(loaded, out / "open_clip"))
     if fmt in ("onnx", "all"):
-        head = load_head(model_dir(cfg, name)) if name != "teacher" else None
         result["onnx"] = str(export_onnx(loaded, out / "onnx", head, cfg.export.opset))
     return result

@@ -210,9 +210,10 @@ def load_backend(model: str, backend: str, config: str | None, run_dir: str | No
     if backend == "onnx":
         folder = Path(cfg.run_dir) / model / "export" / "onnx"
         if not (folder / "preprocess.json").is_file():
-            from clipdistill.export import export_onnx
+            from clipdistill.export import export_onnx, refuse_prompted_student
 
             head = load_head(Path(cfg.run_dir) / model) if model != "teacher" else None
+            refuse_prompted_student(Path(cfg.run_dir) / model, head)
             export_onnx(load_trained(cfg, model), folder, head)
         return OnnxBackend(folder)
     scorer = TrainedClassifier(cfg, model)

@@ -35,16 +35,16 @@ from clipdistill.checkpoint import (
     save_training_state,
     write_json,
 )
-from clipdistill.config import ConfigError, RunConfig, TrainConfig, fingerprint, to_dict
+from clipdistill.config import NEWER_DEFAULTS, ConfigError, RunConfig, TrainConfig, fingerprint, to_dict
 from clipdistill.data.sources import ShardPairs, StepSampler, make_pair_source
 from clipdistill.distributed import DistInfo, all_reduce_mean, init_distributed, resolve_device
 from clipdistill.methods import method_sections, task_class
-from clipdistill.methods.task import CacheUse, Task
+from clipdistill.methods.task import TERM, CacheUse, Task, loss_terms
 from clipdistill.models.factory import create_student, create_teacher
 from clipdistill.runs import cache_dir, data_id, output_dir, run_path, sweep_temps
 
 # Settings that may change between a run and its resume without changing the result.
-RESUME_FREE_KEYS = ("log_every", "ckpt_every", "resume", "tensorboard", "device")
+RESUME_FREE_KEYS = ("log_every", "ckpt_every", "resume", "tensorboard", "device", "grad_share")
 PAPER_DATA_KEYS = ("dataset", "shots")
 EVAL_DATA_KEYS = ("label_key", "split_key")  # read by the own-data eval only, never by training
 
@@ -102,6 +102,10 @@ def _fingerprinted(values: dict) -> dict:
         values[model].setdefault("precision", "fp32")
     for key in EVAL_DATA_KEYS:
         values["data"].pop(key, None)
+    for section, defaults in NEWER_DEFAULTS.items():
+        for key, default in defaults.items():
+            if section in values and values[section].get(key) == default:
+                values[section].pop(key)
     return values
 
 
@@ -300,6 +304,37 @@ def make_trainer(task: Task, tc: TrainConfig, device: torch.device, cache: Teach
     return Trainer(task, model, optimizer, scheduler, tc, device, cache, world_size, checkpoint)
 
 
+def is_log_step(tc: TrainConfig, done_steps: int) -> bool:
+    return done_steps % tc.log_every == 0 or done_steps == tc.steps
+
+
+def gradient_shares(task: Task, parts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """`grad_norm/<term>`: the norm of each loss term's gradient on the trainable parameters that every
+    term reaching any parameter shares; `grad_share/<term>`: its part of the sum of those norms.
+
+    A term that reaches no parameter (inert) gets norm 0. Uses `torch.autograd.grad` with the graph
+    kept for the step's backward: parameters' `.grad` and the random state are left untouched.
+    """
+    terms = loss_terms(parts)
+    params = [p for _, p in task.trainable_parameters()]
+    grads = {}
+    for name, term in terms.items():
+        if term.requires_grad:
+            grads[name] = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        else:
+            grads[name] = [None] * len(params)
+    reaching = [g for g in grads.values() if any(x is not None for x in g)]
+    shared = [i for i in range(len(params)) if reaching and all(g[i] is not None for g in reaching)]
+    norms = {}
+    for name, g in grads.items():
+        squares = [g[i].detach().float().pow(2).sum() for i in shared if g[i] is not None]
+        norms[name] = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+    total = sum(norms.values())
+    out = {f"grad_norm/{name}": norm for name, norm in norms.items()}
+    out |= {f"grad_share/{name}": (norm / total if total > 0 else 0.0) for name, norm in norms.items()}
+    return out
+
+
 class StepResult(NamedTuple):
     parts: dict[str, float]  # the loss and its parts, averaged over the micro-batches
     lr: float  # the rate this step used
@@ -328,9 +363,12 @@ def train_step(trainer: Trainer, batches: Iterator[dict], step: int) -> StepResu
                 f"loss is {loss.item()} at step {step + 1}: lower --train.lr, keep --train.grad_clip on, "
                 f"and resume from the last good checkpoint in {trainer.checkpoint}"
             )
+        if tc.grad_share and micro == 0 and is_log_step(tc, step + 1):  # measured on the first micro-batch
+            parts_sum |= gradient_shares(trainer.task, parts)
         loss.backward()
         for key, value in parts.items():
-            parts_sum[key] = parts_sum.get(key, 0.0) + float(value.detach()) / tc.accum_steps
+            if not key.startswith(TERM):  # the terms are in "loss" and its logged parts already
+                parts_sum[key] = parts_sum.get(key, 0.0) + float(value.detach()) / tc.accum_steps
     if tc.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(trainer.task.parameters(), tc.grad_clip)
     lr = trainer.scheduler.get_last_lr()[0]
@@ -408,7 +446,7 @@ class TrainLog:
 
     def step(self, done_steps: int, result: StepResult) -> None:
         self.skipped += result.skipped
-        if done_steps % self.tc.log_every == 0 or done_steps == self.tc.steps:
+        if is_log_step(self.tc, done_steps):
             record = {k: float(all_reduce_mean(torch.tensor(v))) for k, v in result.parts.items()}
             record |= {"step": done_steps, "lr": result.lr, "elapsed": round(self.lap(), 2)}
             if self.metrics is not None:

@@ -296,3 +296,16 @@ def test_affinity_mimicking_is_bounded_by_and_equals_teacher_entropy(case: tuple
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logits.softmax(dim=1) * logits.log_softmax(dim=1)).sum(dim=1).mean()
+
+
+def test_interactive_contrastive_own_scale_starts_at_clip_kd_value_and_learns() -> None:
+    """CLIP-KD's ICL has its own learnable cross-modal scale from 1/0.07, not the student's."""
+    own = InteractiveContrastiveLoss(3, 3, own_scale=True).double()
+    assert own.logit_scale.exp().item() == pytest.approx(1 / 0.07)
+    args = (_t(S_IMG), _t(S_TXT), _t(T_IMG), _t(T_TXT))
+    loss = own(*args, torch.tensor(S_SCALE))  # the student's scale is ignored
+    expected = (_ref_ce(_logits(S_IMG, T_TXT, 1 / 0.07)) + _ref_ce(_logits(S_TXT, T_IMG, 1 / 0.07))) / 2
+    assert loss.item() == pytest.approx(expected)
+    loss.backward()
+    assert own.logit_scale.grad is not None and own.logit_scale.grad.abs() > 0
+    assert InteractiveContrastiveLoss(3, 3).logit_scale is None

@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from clipdistill.losses.comkd import EduAttention, IFAlignLoss, Projector, RefinementKDLoss
+from clipdistill.losses.comkd import (
+    CrossEduAttention,
+    EduAttention,
+    IFAlignLoss,
+    Projector,
+    RefinementKDLoss,
+    relative_entropy,
+)
 
 
 def _t(rows: list[list[float]]) -> torch.Tensor:
@@ -165,3 +172,80 @@ def test_refinement_kd_properties(case: dict, temperature: float) -> None:
     torch.testing.assert_close(kd(p, teacher, bank[case["class_perm"]]), loss, rtol=1e-5, atol=1e-5)
     # Zero when the student's feature points where the teacher's does, whatever its length.
     torch.testing.assert_close(kd(7.0 * teacher, teacher, bank), torch.tensor(0.0), atol=1e-5, rtol=0)
+
+
+# --- paper-faithful options: cross EduAttention, summed IFAlign, PromptKD's KD reduction ------
+
+
+def _clustered(k: int = 10, dim: int = 32, per_class: int = 4, seed: int = 0):
+    """Unit class features W_t [k, dim] and projected features p that sit near one class each."""
+    g = torch.Generator().manual_seed(seed)
+    bank = F.normalize(torch.randn(k, dim, generator=g), dim=-1)
+    labels = torch.arange(k).repeat_interleave(per_class)
+    p = bank[labels] + 0.05 * torch.randn(len(labels), dim, generator=g)
+    return bank, p
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_cross_eduattention_is_selective_where_mean_text_is_uniform(heads: int) -> None:
+    bank, p = _clustered()
+    log_k = math.log(len(bank))
+    _, cross = CrossEduAttention(bank.shape[1], heads=heads).attend(p, bank)
+    _, mean_text = EduAttention(bank.shape[1], attention_scale=1.0).attend(p, bank)
+    assert cross.shape == (len(p), heads, len(bank))
+    assert relative_entropy(cross) < 0.3  # well below log K
+    assert relative_entropy(mean_text) > 0.9  # today's module: near uniform on unit vectors
+    # and it attends to the class each feature sits near (the first head sees all dims when heads = 1)
+    if heads == 1:
+        assert (cross[:, 0].argmax(dim=-1) == torch.arange(len(bank)).repeat_interleave(4)).all()
+    assert relative_entropy(torch.full((3, 1, 7), 1 / 7)) == pytest.approx(1.0)
+    assert log_k > 0
+
+
+def test_cross_eduattention_gradients_reach_every_projection_alpha_and_temperature() -> None:
+    bank, p = _clustered()
+    edu = CrossEduAttention(bank.shape[1], heads=2)
+    target = F.normalize(torch.randn_like(p), dim=-1)
+    loss = (F.normalize(edu(p, bank), dim=-1) - target).pow(2).sum()
+    loss.backward()
+    for name in ("q.weight", "k.weight", "v.weight", "fc.weight", "alpha", "logit_scale"):
+        grad = dict(edu.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_cross_eduattention_refuses_heads_that_do_not_divide_the_width() -> None:
+    with pytest.raises(ValueError, match="attention_heads"):
+        CrossEduAttention(10, heads=3)
+
+
+def test_ifalign_sum_is_width_times_mean() -> None:
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    summed = IFAlignLoss("sum")(s, t)
+    assert summed == pytest.approx(16 * IFAlignLoss("mean")(s, t).item(), rel=1e-6)
+    s_var, s_mean = torch.var_mean(s, dim=0, correction=0)
+    t_var, t_mean = torch.var_mean(t, dim=0, correction=0)  # the formula's two L1 norms
+    assert summed == pytest.approx(((s_mean - t_mean).abs().sum() + (s_var - t_var).abs().sum()).item())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_promptkd_reduction_is_promptkds_formula(temperature: float) -> None:
+    """PromptKD's trainer: kl_div(log_softmax(s/T), softmax(t/T), reduction='sum') * T*T / s.numel()."""
+    g = torch.Generator().manual_seed(2)
+    bank = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    f_e, u_t = torch.randn(3, 8, generator=g), F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    loss = RefinementKDLoss(temperature, 100.0, reduction="promptkd")(f_e, u_t, bank)
+    stu_logits = 100.0 * F.normalize(f_e, dim=-1) @ bank.T
+    tea_logits = 100.0 * u_t @ bank.T
+    expected = (
+        F.kl_div(
+            F.log_softmax(stu_logits / temperature, dim=1),
+            F.softmax(tea_logits / temperature, dim=1),
+            reduction="sum",
+        )
+        * (temperature * temperature)
+        / stu_logits.numel()
+    )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    batchmean = RefinementKDLoss(temperature, 100.0)(f_e, u_t, bank)
+    assert batchmean.item() == pytest.approx(5 * loss.item(), rel=1e-5)  # K times PromptKD's

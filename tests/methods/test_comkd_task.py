@@ -18,11 +18,14 @@ from cid_fixtures import build_tiny_cache, stage_config
 from clipdistill.cache import TeacherCache
 from clipdistill.config import ComkdConfig, ConfigError, ModelConfig, RunConfig, replace
 from clipdistill.evaluate.run import run_eval
+from clipdistill.export import run_export
 from clipdistill.losses.comkd import Projector
 from clipdistill.methods import build_task, needs_teacher_cache
+from clipdistill.models.classifier import TrainedClassifier
 from clipdistill.models.factory import count_parameters, create_student, create_teacher
 from clipdistill.models.heads import ComkdHead, load_head
 from clipdistill.models.prompts import TextPromptLearner, VisualPromptLearner, attach_visual_prompts
+from clipdistill.predict import load_backend
 from clipdistill.train import train
 from conftest import needs_lab
 
@@ -143,6 +146,49 @@ def test_comkd_student_evaluates_through_its_head(tiny_cache, prompted, tmp_path
     student = create_student(cfg.student).model
     assert metrics["params"] == count_parameters(student.visual) + count_parameters(head)
     assert 0 <= metrics["hm"] <= 100
+
+
+def test_prompted_student_with_cross_attention_trains_evaluates_and_export_refuses(
+    tiny_cache, prompted, tmp_path
+):
+    """PromptKD's student (prompts, frozen tower) with the paper-faithful modules, end to end."""
+    paper = (
+        "--comkd.eduattention",
+        "cross",
+        "--comkd.ifalign_reduction",
+        "sum",
+        "--comkd.kd_reduction",
+        "promptkd",
+    )
+    student = (
+        "--comkd.student_vpt_depth",
+        "1",
+        "--comkd.student_vpt_tokens",
+        "2",
+        "--comkd.freeze_backbone",
+        "true",
+    )
+    cfg = _stage2(
+        tiny_cache, prompted, tmp_path, "--train.method", "comkd", "--train.steps", "2", *paper, *student
+    )
+    torch.manual_seed(cfg.train.seed)  # the student exactly as the trainer builds it
+    initial = create_student(cfg.student).model.state_dict()
+    train(cfg)
+    folder = tmp_path / "run" / "comkd"
+    trained = load_file(folder / "model.safetensors")
+    assert all(torch.equal(trained[k], v) for k, v in initial.items())  # the tower stayed frozen
+    assert {"visual_prompts.prompts", "head.edu.q.weight", "head.edu.logit_scale"} <= set(
+        load_file(folder / "heads.safetensors")
+    )
+    records = _metrics(cfg, "comkd")
+    assert all(0 <= r["attention_entropy"] <= 1 for r in records)
+    classifier = TrainedClassifier(cfg, "comkd")
+    assert classifier.kind == "comkd_head" and classifier.visual_prompts  # eval runs the tower with them
+    cfg.export.model = "comkd"
+    with pytest.raises(ConfigError, match="visual prompts"):
+        run_export(cfg)
+    with pytest.raises(ConfigError, match="visual prompts"):  # predict's ONNX backend exports first
+        load_backend("comkd", "onnx", None, str(tmp_path / "run"))
 
 
 def test_comkd_needs_the_text_bank(tiny_cache, tmp_path):

@@ -20,8 +20,10 @@ def test_every_method_is_a_task_with_a_typed_cache_use():
     for name, cls in METHODS.items():
         assert issubclass(cls, Task) and isinstance(cls.cache_use, CacheUse), name
         assert cls.from_config is not Task.from_config, name
-    # only CLIP's temperature clamp runs after a step; no recipe carries a do-nothing hook
-    assert [cls.__name__ for cls in set(METHODS.values()) if "after_step" in vars(cls)] == ["ClipTask"]
+    # only the learned temperatures' clamps run after a step (CLIP's, the cross EduAttention's); no recipe
+    # carries a do-nothing hook
+    hooks = sorted(cls.__name__ for cls in set(METHODS.values()) if "after_step" in vars(cls))
+    assert hooks == ["ClipTask", "ComkdTask"]
     assert task_class("cid").cache_use is CacheUse.REQUIRED and needs_teacher_cache("fd")
     assert task_class("prompt_teacher").cache_use is CacheUse.OPTIONAL
     assert task_class("clip").cache_use is CacheUse.NONE

@@ -9,6 +9,8 @@ whole batch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -101,13 +103,16 @@ class InteractiveContrastiveLoss(nn.Module):
     student into the teacher's embedding space.
 
     Student embeddings are projected to the teacher's width and re-normalised; the two directions
-    are averaged.
+    are averaged. With `own_scale` the cross-modal logits get their own learnable scale, starting at
+    1/0.07 (CLIP's parametrisation: exp of a learned log, used up to 100), as CLIP-KD's code gives ICL its
+    own `cross_logit_scale`; otherwise the caller's scale (the student's CLIP scale) is used.
     """
 
-    def __init__(self, student_dim: int, teacher_dim: int) -> None:
+    def __init__(self, student_dim: int, teacher_dim: int, own_scale: bool = False) -> None:
         super().__init__()
         self.image_proj = Projection(student_dim, teacher_dim)
         self.text_proj = Projection(student_dim, teacher_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07))) if own_scale else None
 
     def forward(
         self,
@@ -117,6 +122,8 @@ class InteractiveContrastiveLoss(nn.Module):
         t_txt: torch.Tensor,
         logit_scale: torch.Tensor,
     ) -> torch.Tensor:
+        if self.logit_scale is not None:
+            logit_scale = self.logit_scale.clamp(max=math.log(100)).exp()  # CLIP's bound
         s_img = F.normalize(self.image_proj(s_img), dim=-1)
         s_txt = F.normalize(self.text_proj(s_txt), dim=-1)
         s_img_vs_t_txt, _, targets = contrastive_logits(s_img, t_txt, logit_scale)

@@ -47,7 +47,7 @@ class BaselineTask(ClipTask):
         if kind == "fd":
             self.kd_loss: nn.Module = FeatureDistillLoss(student_dim, teacher_dim)
         elif kind == "icl":
-            self.kd_loss = InteractiveContrastiveLoss(student_dim, teacher_dim)
+            self.kd_loss = InteractiveContrastiveLoss(student_dim, teacher_dim, own_scale=cfg.icl_own_scale)
         elif kind == "crd":
             self.kd_loss = ContrastiveRelationalLoss(temperature=cfg.crd_temperature)
         elif kind == "tinyclip_affinity":
@@ -62,7 +62,7 @@ class BaselineTask(ClipTask):
         t_img, t_txt = batch["teacher_image"], batch["teacher_text"]
         if self.kind == "fd":
             return self.kd_loss(image, text, t_img, t_txt)
-        if self.kind == "icl":  # the student's own temperature, as in CLIP-KD
+        if self.kind == "icl":  # the student's CLIP scale, unless distill.icl_own_scale gives ICL its own
             return self.kd_loss(image, text, t_img, t_txt, self.model.logit_scale.exp())
         return self.kd_loss(image, text, t_img, t_txt, self.model.logit_scale.exp(), self.teacher_logit_scale)
 
@@ -70,13 +70,14 @@ class BaselineTask(ClipTask):
         image, text = self.encode(batch)
         if self.kind == "openclip_distill":
             loss = self.distill(image, text, batch)  # CLIP loss + soft cross-entropy, in one
-            with torch.no_grad():
-                clip = self.clip_loss(image, text, self.model.logit_scale.exp())
-            return {"loss": loss, "clip": clip, "kd": (loss - clip).detach()}
+            clip = self.clip_loss(image, text, self.model.logit_scale.exp())  # its CLIP part, for the terms
+            kd = loss - clip
+            return {"loss": loss, "clip": clip.detach(), "kd": kd.detach(), "term/clip": clip, "term/kd": kd}
         clip = self.clip_loss(image, text, self.model.logit_scale.exp())
         kd = self.distill(image, text, batch)
         loss = clip + self.cfg.weight * kd
-        return {"loss": loss, "clip": clip.detach(), "kd": kd.detach()}
+        terms = {"term/clip": clip, "term/kd": self.cfg.weight * kd}
+        return {"loss": loss, "clip": clip.detach(), "kd": kd.detach(), **terms}
 
     def heads(self) -> dict[str, nn.Module]:
         """The learnt projections to teacher space (fd, icl); the other losses have no parameters."""

@@ -89,8 +89,13 @@ class CidTask(ClipTask):
                 batch["teacher_image"],
                 batch["teacher_text"],
             )
+        terms = {"term/clip": clip}
+        if self.cfg.lambda_cd:
+            terms["term/cd"] = self.cfg.lambda_cd * cd
+        if self.cfg.lambda_id:
+            terms["term/id"] = self.cfg.lambda_id * id_
         loss = clip + self.cfg.lambda_cd * cd + self.cfg.lambda_id * id_
-        return {"loss": loss, "clip": clip.detach(), "cd": cd.detach(), "id": id_.detach()}
+        return {"loss": loss, "clip": clip.detach(), "cd": cd.detach(), "id": id_.detach(), **terms}
 
     def heads(self) -> dict[str, nn.Module]:
         """The projections to teacher space (and learnt prototypes): what reusing the student's

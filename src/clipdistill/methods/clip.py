@@ -36,7 +36,7 @@ class ClipTask(Task):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         image, text = self.encode(batch)
         loss = self.clip_loss(image, text, self.model.logit_scale.exp())
-        return {"loss": loss, "clip": loss.detach()}
+        return {"loss": loss, "clip": loss.detach(), "term/clip": loss}
 
     @torch.no_grad()
     def after_step(self) -> None:

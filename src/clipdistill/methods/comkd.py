@@ -4,7 +4,8 @@ The student's image encoder and a head (projector P, EduAttention, the teacher's
 train against the teacher's cached image features u_t: refinement KL between the two zero-shot
 distributions over W_t, plus IFAlign. No labels and no teacher model are involved: u_t comes from
 the cache (or, when stage 1 learned visual prompts, its `image_features.npy`), W_t from stage 1's
-`text_bank.npy`. Inference: encoder -> P -> EduAttention -> W_t.
+`text_bank.npy`. Inference: encoder (with its visual prompts, when stage 2 learned some) -> P ->
+EduAttention -> W_t.
 PromptKD is the same recipe with IFAlign and EduAttention off.
 """
 
@@ -20,10 +21,11 @@ from torch import nn
 from clipdistill.cache import TeacherCache
 from clipdistill.checkpoint import load_state_dict
 from clipdistill.config import ComkdConfig, ConfigError, RunConfig
-from clipdistill.losses.comkd import IFAlignLoss, RefinementKDLoss
+from clipdistill.losses.comkd import CrossEduAttention, IFAlignLoss, RefinementKDLoss, relative_entropy
 from clipdistill.methods.labelled import labelled_train
 from clipdistill.methods.task import CacheUse, Task
 from clipdistill.models.heads import TEXT_BANK, ComkdHead, comkd_settings
+from clipdistill.models.prompts import VisualPromptLearner
 from clipdistill.runs import find_run, model_dir
 
 IMAGE_FEATURES = "image_features.npy"  # stage 1 with visual prompts: the prompted teacher's u_t per row
@@ -33,8 +35,10 @@ class ComkdTask(Task):
     """L = λ_kd·L_kd + λ_align·L_align over the student's image tower and the head.
 
     The student's text tower is frozen (unused: classes come from W_t), so every trainable
-    parameter gets a gradient. The batch's labels, if any, are never read; `train_rows` (the
-    inductive variant's base-class images) only picks which images it sees.
+    parameter gets a gradient. With `freeze_backbone` the image tower is frozen too, and with
+    `student_vpt_depth` it learns deep visual prompts instead (PromptKD's student: prompts and
+    projector train). The batch's labels, if any, are never read; `train_rows` (the inductive
+    variant's base-class images) only picks which images it sees.
     """
 
     cache_use = CacheUse.REQUIRED
@@ -51,33 +55,58 @@ class ComkdTask(Task):
     ) -> None:
         super().__init__()
         for name, p in model.named_parameters():
-            p.requires_grad = name.startswith("visual.")
+            p.requires_grad = name.startswith("visual.") and not cfg.freeze_backbone
         self.model = model
         self.cfg = cfg
+        self.visual_prompts = None
+        if cfg.student_vpt_depth:
+            depth, tokens = cfg.student_vpt_depth, cfg.student_vpt_tokens
+            self.visual_prompts = VisualPromptLearner(model.visual, depth, tokens)
         self.head = ComkdHead(int(model.visual.output_dim), text_bank, cfg, skip)
-        self.kd_loss = RefinementKDLoss(cfg.temperature, cfg.logit_scale)
-        self.align_loss = IFAlignLoss() if cfg.use_ifalign else None
+        self.kd_loss = RefinementKDLoss(cfg.temperature, cfg.logit_scale, cfg.kd_reduction)
+        self.align_loss = IFAlignLoss(cfg.ifalign_reduction) if cfg.use_ifalign else None
         self.register_buffer("teacher_images", teacher_images, persistent=False)
         self.train_rows = train_rows
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        if self.visual_prompts is not None:
+            return self.visual_prompts(self.model.visual, images)
+        return self.model.encode_image(images)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         if self.teacher_images is not None:  # VPT changed the teacher's features: stage 1's, by cache row
             teacher_image = self.teacher_images[batch["cache_row"].to(self.teacher_images.device)].float()
         else:
             teacher_image = batch["teacher_image"]
-        student = self.model.encode_image(batch["image"])
+        student = self.encode_image(batch["image"])
         p = self.head.project(student)
-        f_e = self.head.edu(p, self.head.text_bank) if self.head.edu is not None else p
+        f_e, attention = p, None
+        if self.head.edu is not None:
+            f_e, attention = self.head.edu.attend(p, self.head.text_bank)
         kd = self.kd_loss(f_e, teacher_image, self.head.text_bank)
         # IFAlign on the unit sphere, where u_t lives and where the KD term compares (it normalises f_e)
         on_sphere = F.normalize(p, dim=-1)
         align = self.align_loss(on_sphere, teacher_image) if self.align_loss is not None else kd.new_zeros(())
         loss = self.cfg.lambda_kd * kd + self.cfg.lambda_align * align
-        alpha = self.head.edu.alpha.detach() if self.head.edu is not None else kd.new_zeros(())
-        return {"loss": loss, "kd": kd.detach(), "align": align.detach(), "alpha": alpha}
+        parts = {"loss": loss, "kd": kd.detach(), "align": align.detach(), "term/kd": self.cfg.lambda_kd * kd}
+        if self.align_loss is not None:
+            parts["term/align"] = self.cfg.lambda_align * align
+        if self.head.edu is not None:
+            parts["alpha"] = self.head.edu.alpha.detach()
+            parts["attention_entropy"] = relative_entropy(attention.detach().float())  # / log K
+        else:
+            parts["alpha"] = kd.new_zeros(())
+        return parts
+
+    def after_step(self) -> None:
+        if isinstance(self.head.edu, CrossEduAttention):
+            self.head.edu.clamp_temperature()
 
     def heads(self) -> dict[str, nn.Module]:
-        return {"head": self.head}
+        heads: dict[str, nn.Module] = {"head": self.head}
+        if self.visual_prompts is not None:  # the image tower runs with them at inference
+            heads["visual_prompts"] = self.visual_prompts
+        return heads
 
     def training_pool(self, pool: np.ndarray) -> np.ndarray:
         return pool if self.train_rows is None else pool[np.isin(pool, self.train_rows)]

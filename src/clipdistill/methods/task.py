@@ -3,7 +3,8 @@
 A recipe is a `Task` subclass, registered by name in `clipdistill.methods.METHODS`. The trainer
 builds it with `from_config`, adds the cached teacher rows to each batch when `cache_use` asks for
 them, trains on `training_pool(pool)`, optimises `trainable_parameters()` against
-`forward(batch)["loss"]`, calls `after_step()` after each optimizer step and, once finished,
+`forward(batch)["loss"]` (with `--train.grad_share` it also measures each of the loss terms
+`forward` returns under `TERM`), calls `after_step()` after each optimizer step and, once finished,
 `export(folder)`.
 """
 
@@ -21,6 +22,13 @@ from clipdistill.cache import TeacherCache
 from clipdistill.checkpoint import save_state_dict
 from clipdistill.config import RunConfig
 
+TERM = "term/"  # forward's key prefix of a weighted loss term, still in the graph: `term/kd` is λ·L_kd
+
+
+def loss_terms(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weighted loss terms of a forward's output, by name (`term/kd` -> `kd`)."""
+    return {k.removeprefix(TERM): v for k, v in parts.items() if k.startswith(TERM)}
+
 
 class CacheUse(Enum):
     """How a recipe uses the teacher cache (`embed`'s output): the teacher never runs in the loop."""
@@ -33,7 +41,9 @@ class CacheUse(Enum):
 class Task(nn.Module):
     """A recipe around `model` (the open_clip model being trained, saved as model.safetensors).
 
-    forward(batch) -> {"loss": the scalar to minimise, other names: detached parts that are logged}.
+    forward(batch) -> {"loss": the scalar to minimise, `TERM + name`: each weighted term of the loss
+    that is on, in the graph (they sum to "loss"; the trainer measures their gradients on request and
+    logs nothing else of them), other names: detached parts that are logged}.
     A batch holds "image", "text", "index" (sample row) and, when `cache_use` is not NONE and the
     cache is there, "teacher_image", "teacher_text" and "cache_row".
     """

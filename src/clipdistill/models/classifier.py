@@ -59,6 +59,7 @@ class TrainedClassifier:
             self.head.to(self.device)
             self.bank = self.head.text_bank.float().cpu()
             self.bank_names = _bank_names(_stage1_folder(folder))
+            self.visual_prompts = attach_visual_prompts(self.loaded.model, folder)  # stage 2's, if learned
         elif name != "teacher" and (folder / TEXT_BANK).is_file():
             self.kind = "text_bank"
             bank = torch.from_numpy(np.load(folder / TEXT_BANK, allow_pickle=False)).float()

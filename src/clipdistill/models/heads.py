@@ -13,7 +13,7 @@ from torch import nn
 
 from clipdistill.checkpoint import load_state_dict
 from clipdistill.config import ComkdConfig, RunConfig, config_from_dict
-from clipdistill.losses.comkd import EduAttention, Projector
+from clipdistill.losses.comkd import CrossEduAttention, EduAttention, Projector
 
 TEXT_BANK = "text_bank.npy"  # written by ComKD stage 1 (methods/prompt_teacher.py)
 SPLIT = "split.json"  # stage 1's class names (the bank's row order) and base/novel split
@@ -34,7 +34,11 @@ class ComkdHead(nn.Module):
         super().__init__()
         dim = int(text_bank.shape[1])
         self.projector = Projector(student_dim, dim, skip=skip)
-        self.edu = EduAttention(dim, cfg.attention_scale) if cfg.use_eduattention else None
+        self.edu: EduAttention | CrossEduAttention | None = None
+        if cfg.use_eduattention and cfg.eduattention == "cross":
+            self.edu = CrossEduAttention(dim, cfg.attention_heads, cfg.attention_temperature)
+        elif cfg.use_eduattention:
+            self.edu = EduAttention(dim, cfg.attention_scale)
         self.register_buffer("text_bank", F.normalize(text_bank.float(), dim=-1))
         self.logit_scale = cfg.logit_scale
 
@@ -65,7 +69,8 @@ def load_head(folder: str | Path) -> ComkdHead | None:
     trained = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
     if trained.train.method not in COMKD_METHODS:
         return None
-    state = {k.removeprefix("head."): v for k, v in load_state_dict(folder / "heads.safetensors").items()}
+    saved = load_state_dict(folder / "heads.safetensors")  # also the student's visual prompts, if any
+    state = {k.removeprefix("head."): v for k, v in saved.items() if k.startswith("head.")}
     student_dim = int(state["projector.net.0.weight"].shape[1])
     head = ComkdHead(
         student_dim, state["text_bank"], comkd_settings(trained), state.get("projector.skip.weight")

@@ -87,7 +87,10 @@ class VisualPromptLearner(nn.Module):
             raise TypeError("deep visual prompts need an open_clip VisionTransformer image tower")
         layers = len(visual.transformer.resblocks)
         if not 1 <= depth <= layers or n_tokens < 0:
-            raise ValueError(f"comkd.vpt_depth must be in 1..{layers} and vpt_tokens >= 0")
+            raise ValueError(
+                f"comkd.vpt_depth (student_vpt_depth for the student) must be in 1..{layers} and the "
+                f"tokens >= 0, not {depth} and {n_tokens}"
+            )
         self.prompts = nn.Parameter(torch.randn(depth, n_tokens, visual.conv1.out_channels) * 0.02)
 
     def forward(self, visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
