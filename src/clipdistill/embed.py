@@ -4,17 +4,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clipdistill.cache import CacheMeta, TeacherCache, build_cache, teacher_fingerprint
+import torch
+
+from clipdistill.cache import (
+    CacheMeta,
+    TeacherCache,
+    build_cache,
+    check_manifest,
+    save_manifest,
+    teacher_fingerprint,
+)
 from clipdistill.checkpoint import write_json
 from clipdistill.config import RunConfig
-from clipdistill.data.sources import make_pair_source
+from clipdistill.data.sources import ShardPairs, make_pair_source
+from clipdistill.distributed import init_distributed
 from clipdistill.models.factory import create_teacher
 from clipdistill.train import cache_dir, data_id, resolve_device
 
 
 def run_embed(cfg: RunConfig) -> dict:
-    """Build (or finish) `<run_dir>/cache`; refuses a cache from another teacher or other data."""
+    """Build (or finish) `<run_dir>/cache`; refuses a cache from another teacher or other data.
+    Under torchrun the ranks share the shards (`build_cache`); the result is the same bytes."""
     device = resolve_device(cfg.embed.device)
+    dist_info = init_distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
     teacher = create_teacher(cfg.teacher)
     teacher.model.to(device)
     source = make_pair_source(cfg.data, teacher.tokenizer, teacher.preprocess)
@@ -31,13 +45,18 @@ def run_embed(cfg: RunConfig) -> dict:
         shard_size=cfg.embed.shard_size,
     )
     folder = cache_dir(cfg)
+    if isinstance(source, ShardPairs):
+        check_manifest(folder, source.index)
     report = build_cache(folder, meta, teacher.model, source, cfg.embed.batch_size, device)
     cache = TeacherCache(folder)
+    if isinstance(source, ShardPairs) and dist_info.is_main:
+        save_manifest(folder, source.index, cache.valid)
     report |= {
         "num_samples": len(cache),
         "valid_samples": int(cache.valid.sum()),
         "skipped_total": int((~cache.valid).sum()),
         "fingerprint": meta.fingerprint,
     }
-    write_json(Path(folder) / "report.json", report)
+    if dist_info.is_main:
+        write_json(Path(folder) / "report.json", report)
     return report

@@ -33,7 +33,8 @@ from clipdistill.checkpoint import (
     write_json,
 )
 from clipdistill.config import ConfigError, RunConfig, TrainConfig, fingerprint, to_dict
-from clipdistill.data.sources import ShardPairs, StepSampler, make_pair_source
+from clipdistill.data.sampler import StepSampler
+from clipdistill.data.sources import ShardPairs, make_pair_source
 from clipdistill.distributed import DistInfo, all_reduce_mean, init_distributed
 from clipdistill.methods import build_task, method_sections, needs_teacher_cache, reads_teacher_cache
 from clipdistill.methods.comkd import COMKD_METHODS, inductive_pool
@@ -184,18 +185,24 @@ def training_pool(cfg: RunConfig, size: int, cache: TeacherCache | None) -> np.n
     if cache is not None:
         pool = pool[cache.valid[:size]]
     if cfg.train.subset:
-        path = Path(cfg.train.subset)
-        if not path.is_absolute():
-            path = Path(cfg.run_dir) / path
-        if not path.is_file():
-            raise ConfigError(f"train.subset {path} does not exist (run `clipdistill balance` first)")
-        keep = np.load(path, allow_pickle=False)
-        pool = np.intersect1d(pool, keep)
+        pool = np.intersect1d(pool, training_subset(cfg))
     if cfg.train.method in COMKD_METHODS and cfg.comkd.inductive:
         pool = inductive_pool(cfg, pool)
     if cfg.train.method == "prompt_teacher":
         pool = labelled_pool(cfg, pool)
     return pool
+
+
+def training_subset(cfg: RunConfig) -> np.ndarray | None:
+    """The sorted sample ids of `train.subset`, if set."""
+    if not cfg.train.subset:
+        return None
+    path = Path(cfg.train.subset)
+    if not path.is_absolute():
+        path = Path(cfg.run_dir) / path
+    if not path.is_file():
+        raise ConfigError(f"train.subset {path} does not exist (run `clipdistill balance` first)")
+    return np.unique(np.load(path, allow_pickle=False))
 
 
 def _cache_if_built(cfg: RunConfig) -> TeacherCache | None:
@@ -265,9 +272,7 @@ def train(cfg: RunConfig) -> dict:
         cache = _cache_if_built(cfg)
     task = build_task(cfg, loaded.model, cache).to(device)
     source = make_pair_source(cfg.data, loaded.tokenizer, loaded.preprocess)
-    pool = training_pool(cfg, len(source), cache or _cache_if_built(cfg))
     micro_batch = tc.batch_size // tc.accum_steps
-    sampler = StepSampler(pool, micro_batch, tc.seed, dist_info.rank, dist_info.world_size)
 
     optimizer = make_optimizer(task, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(tc.warmup_steps, tc.steps))
@@ -289,11 +294,13 @@ def train(cfg: RunConfig) -> dict:
     writer = _tensorboard(out) if tc.tensorboard and dist_info.is_main else None
     metrics = open(out / "metrics.jsonl", "a") if dist_info.is_main else None
     first_micro = start_step * tc.accum_steps
-    if isinstance(source, ShardPairs):  # streamed shards: cache rows are found by sample key
-        batches = source.stream(micro_batch // dist_info.world_size, tc.seed, dist_info.rank,
-                                dist_info.world_size, first_micro, pool)  # fmt: skip
+    if isinstance(source, ShardPairs):  # streamed shards: the cache's manifest gives every sample's row
+        batches, pool_size = _shard_stream(cfg, source, cache or _cache_if_built(cfg), dist_info, first_micro)
     else:
+        pool = training_pool(cfg, len(source), cache or _cache_if_built(cfg))
+        sampler = StepSampler(pool, micro_batch, tc.seed, dist_info.rank, dist_info.world_size)
         batches = source.batches(sampler.schedule(first_micro, tc.steps * tc.accum_steps))
+        pool_size = len(pool)
     skipped = 0
     progress = tqdm(
         total=tc.steps,
@@ -373,7 +380,7 @@ def train(cfg: RunConfig) -> dict:
         "train_seconds": round(elapsed, 2),
         "world_size": dist_info.world_size,
         "skipped_samples": skipped,
-        "train_samples": int(len(pool)),
+        "train_samples": int(pool_size),
     }
     if dist_info.is_main:
         save_state_dict(task.model.state_dict(), out / "model.safetensors")
@@ -387,6 +394,25 @@ def train(cfg: RunConfig) -> dict:
             task.export(out)
         write_json(done_path, result)
     return result
+
+
+def _shard_stream(
+    cfg: RunConfig, source: ShardPairs, cache: TeacherCache | None, dist_info: DistInfo, first_micro: int
+):
+    """Training batches of WebDataset shards, and the number of samples they are drawn from."""
+    valid, valid_counts = None, None
+    if cache is not None:
+        manifest = cache.manifest()
+        if manifest is not None:
+            source.use_index(manifest[0])
+            valid_counts = manifest[1]
+        valid = cache.valid
+    micro_batch = cfg.train.batch_size // cfg.train.accum_steps
+    local_batch = micro_batch // dist_info.world_size
+    subset = training_subset(cfg)
+    batches = source.stream(local_batch, cfg.train.seed, dist_info.rank, dist_info.world_size, first_micro,
+                            valid, subset, valid_counts)  # fmt: skip
+    return batches, source.pool_size
 
 
 def equalize_batch(batch: dict) -> dict:
@@ -403,7 +429,7 @@ def _to_device(batch: dict, device: torch.device, cache: TeacherCache | None) ->
         k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
     }
     if cache is not None:
-        rows = cache.rows_of_ids(batch["id"]) if "id" in batch and cache.keyed_by_id else batch["index"].cpu()
+        rows = batch["index"].cpu()  # every source's sample index is its cache row
         image, text = cache.rows(rows)
         moved["teacher_image"], moved["teacher_text"] = image.to(device), text.to(device)
         moved["cache_row"] = torch.as_tensor(rows)  # streamed samples: not the same as "index"

@@ -50,8 +50,10 @@ def test_embed_streams_shards_in_order_and_counts_the_bad_sample(tmp_path, shard
     cache = TeacherCache(tmp_path / "run" / "cache")
     assert len(cache) == 48
     assert report["skipped_total"] == 1 and int(cache.valid.sum()) == 47
-    rows = cache.rows_of_ids(["s0_000", "s1_023", "s0_020"])
-    assert rows.tolist() == [0, 47, 20]
+    index, valid_counts = cache.manifest()
+    assert index.counts.tolist() == [24, 24] and index.offsets.tolist() == [0, 24]
+    assert valid_counts.tolist() == [23, 24]
+    rows = np.array([0, 47, 20])
     image, text = cache.rows(rows)
     assert image.shape == (3, 32) and np.allclose(image.norm(dim=1).numpy(), 1, atol=1e-2)
 
@@ -98,7 +100,7 @@ def test_a_pooled_stream_resumes_where_it_stopped(tmp_path, shards):
     pool = np.arange(1, 48, 2)  # 24 odd rows
 
     def ids(start_step, n):
-        stream = source.stream(4, seed=3, rank=0, world_size=1, start_step=start_step, pool=pool)
+        stream = source.stream(4, seed=3, rank=0, world_size=1, start_step=start_step, subset=pool)
         return [next(stream)["id"] for _ in range(n)]
 
     full = ids(0, 5)

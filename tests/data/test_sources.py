@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from clipdistill.config import DataConfig, ModelConfig
-from clipdistill.data.sources import StepSampler, make_pair_source
+from clipdistill.data.sampler import StepSampler
+from clipdistill.data.sources import make_pair_source
 from clipdistill.models.factory import create_model
 from conftest import needs_lab
 
