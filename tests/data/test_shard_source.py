@@ -106,3 +106,46 @@ def test_a_pooled_stream_resumes_where_it_stopped(tmp_path, shards):
     full = ids(0, 5)
     assert ids(2, 3) == full[2:]
     assert {24 * int(key[1]) + int(key[3:]) for batch in full for key in batch} <= set(pool.tolist())
+
+
+class Stop(Exception):
+    pass
+
+
+def test_webdataset_resume_at_steps_off_the_workers_round_gives_the_uninterrupted_weights(
+    tmp_path, shards, monkeypatch
+):
+    """Batches of 4 from 2 workers (a round of 8 samples), stopped after steps 5 and 11 (11 is also the
+    end of the first epoch: 47 valid samples), resumed from the checkpoint each time."""
+    import torch
+    from safetensors.torch import load_file
+
+    import clipdistill.train as train_module
+    from clipdistill.checkpoint import safe_torch_load
+
+    run_embed(_cfg(tmp_path, shards))
+    extra = ("--train.method", "openclip_distill", "--train.steps", "14", "--train.batch_size", "4",
+             "--data.num_workers", "2", "--train.ckpt_every", "1", "--train.deterministic", "true")  # fmt: skip
+    stopped = _cfg(tmp_path, shards, *extra, "--train.name", "stopped")
+    to_device = train_module._to_device
+    for start, stop_after in ((0, 5), (5, 11)):
+        calls = []
+
+        def counted(batch, *args, steps=stop_after - start, calls=calls):
+            calls.append(1)
+            if len(calls) > steps:
+                raise Stop
+            return to_device(batch, *args)
+
+        monkeypatch.setattr(train_module, "_to_device", counted)
+        with pytest.raises(Stop):
+            train(stopped)
+        assert safe_torch_load(tmp_path / "run" / "stopped" / "checkpoint.pt")["step"] == stop_after
+    monkeypatch.setattr(train_module, "_to_device", to_device)
+    train(stopped)
+    train(_cfg(tmp_path, shards, *extra, "--train.name", "whole"))
+    torch.use_deterministic_algorithms(False)
+    resumed = load_file(tmp_path / "run" / "stopped" / "model.safetensors")
+    whole = load_file(tmp_path / "run" / "whole" / "model.safetensors")
+    assert resumed.keys() == whole.keys()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
