@@ -125,7 +125,8 @@ def test_webdataset_resume_at_steps_off_the_workers_round_gives_the_uninterrupte
 
     run_embed(_cfg(tmp_path, shards))
     extra = ("--train.method", "openclip_distill", "--train.steps", "14", "--train.batch_size", "4",
-             "--data.num_workers", "2", "--train.ckpt_every", "1", "--train.deterministic", "true")  # fmt: skip
+             "--data.num_workers", "2", "--train.ckpt_every", "1",
+             "--train.deterministic", "true")  # fmt: skip
     stopped = _cfg(tmp_path, shards, *extra, "--train.name", "stopped")
     to_device = train_module._to_device
     for start, stop_after in ((0, 5), (5, 11)):
