@@ -132,8 +132,15 @@ def main() -> None:
         "balance": {"n_clusters": 8},
         "cluster": {"n_clusters": 16},
         "cid": {"clusters": "cluster"},
-        "train": {"steps": args.steps, "batch_size": args.batch, "lr": 1e-4, "warmup_steps": 2,
-                  "log_every": 1, "ckpt_every": 1000, "device": "cpu"},  # fmt: skip
+        "train": {
+            "steps": args.steps,
+            "batch_size": args.batch,
+            "lr": 1e-4,
+            "warmup_steps": 2,
+            "log_every": 1,
+            "ckpt_every": 1000,
+            "device": "cpu",
+        },  # fmt: skip
         "eval": {"device": "cpu", "batch_size": 128, "linear_probe_train": 1000, "retrieval_size": 500},
     }
     config = work / "real.yaml"
@@ -161,10 +168,10 @@ def main() -> None:
     skip = 2  # the first steps pay for warm-up (allocations, first reads)
     kd, plain = step_seconds(run, "cid", skip), step_seconds(run, "clip", skip)
     report = {
-        "command": "python -m benchmarks.real --images %d --steps %d --batch %d" % (n, args.steps, args.batch),
+        "command": f"python -m benchmarks.real --images {n} --steps {args.steps} --batch {args.batch}",
         "corpus": f"{n} 512-px JPEGs in {-(-n // 128)} WebDataset shards",
         "teacher": "open_clip ViT-B-32 (random weights from a file), 224 px",
-        "student": "ViT 4 layers x 256 wide, patch 32, 224 px; text 4 layers x 256 (%s)" % json.dumps(STUDENT),
+        "student": f"ViT 4 layers x 256 wide, patch 32, 224 px; text 4 layers x 256 ({json.dumps(STUDENT)})",
         "stages": stages,
         "step_seconds": {"cid (cached KD)": round(kd, 3), "clip (plain)": round(plain, 3)},
         "kd_step_ratio": round(kd / plain, 3),

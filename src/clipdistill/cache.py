@@ -73,9 +73,7 @@ class TeacherCache:
                 f"teacher cache at {self.folder} is incomplete ({len(missing)} of "
                 f"{self.meta.num_shards} shards missing): rerun `clipdistill embed` to finish it"
             )
-        self._shards = [
-            np.load(self.folder / f"emb_{s:05d}.npy", mmap_mode="r") for s in range(self.meta.num_shards)
-        ]
+        self._shards: dict[int, np.ndarray] = {}  # memory-mapped on first use: start-up reads no shard
         if (self.folder / "valid.npy").is_file():
             self.valid = np.load(self.folder / "valid.npy", mmap_mode="r")
         else:  # a cache written before valid.npy existed
@@ -113,14 +111,19 @@ class TeacherCache:
         shard, offset = np.divmod(index, self.meta.shard_size)
         for s in np.unique(shard):
             hit = shard == s
-            out[hit] = self._shards[s][offset[hit]]
+            out[hit] = self._shard(int(s))[offset[hit]]
         emb = torch.from_numpy(out).float()
         return emb[:, : self.meta.image_dim], emb[:, self.meta.image_dim :]
 
     def all_image(self, chunk: int = 65536):
         """Image embeddings shard by shard (memory-mapped views), for balance and cluster."""
-        for array in self._shards:
-            yield array[:, : self.meta.image_dim]
+        for s in range(self.meta.num_shards):
+            yield self._shard(s)[:, : self.meta.image_dim]
+
+    def _shard(self, s: int) -> np.ndarray:
+        if s not in self._shards:
+            self._shards[s] = np.load(self.folder / f"emb_{s:05d}.npy", mmap_mode="r")
+        return self._shards[s]
 
 
 @torch.no_grad()
