@@ -273,6 +273,17 @@ def train(cfg: RunConfig) -> dict:
     task = build_task(cfg, loaded.model, cache).to(device)
     source = make_pair_source(cfg.data, loaded.tokenizer, loaded.preprocess)
     micro_batch = tc.batch_size // tc.accum_steps
+    first_micro = (state["step"] if state is not None else 0) * tc.accum_steps
+    if isinstance(source, ShardPairs):  # streamed shards: the cache's manifest gives every sample's row
+        batches = source.stream(micro_batch // dist_info.world_size, tc.seed, dist_info.rank,
+                                dist_info.world_size, first_micro, cache or _cache_if_built(cfg),
+                                training_subset(cfg))  # fmt: skip
+        pool_size = source.pool_size
+    else:
+        pool = training_pool(cfg, len(source), cache or _cache_if_built(cfg))
+        sampler = StepSampler(pool, micro_batch, tc.seed, dist_info.rank, dist_info.world_size)
+        batches = source.batches(sampler.schedule(first_micro, tc.steps * tc.accum_steps))
+        pool_size = len(pool)
 
     optimizer = make_optimizer(task, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(tc.warmup_steps, tc.steps))
@@ -293,14 +304,6 @@ def train(cfg: RunConfig) -> dict:
     model = DistributedDataParallel(task) if dist_info.world_size > 1 else task
     writer = _tensorboard(out) if tc.tensorboard and dist_info.is_main else None
     metrics = open(out / "metrics.jsonl", "a") if dist_info.is_main else None
-    first_micro = start_step * tc.accum_steps
-    if isinstance(source, ShardPairs):  # streamed shards: the cache's manifest gives every sample's row
-        batches, pool_size = _shard_stream(cfg, source, cache or _cache_if_built(cfg), dist_info, first_micro)
-    else:
-        pool = training_pool(cfg, len(source), cache or _cache_if_built(cfg))
-        sampler = StepSampler(pool, micro_batch, tc.seed, dist_info.rank, dist_info.world_size)
-        batches = source.batches(sampler.schedule(first_micro, tc.steps * tc.accum_steps))
-        pool_size = len(pool)
     skipped = 0
     progress = tqdm(
         total=tc.steps,
@@ -396,25 +399,6 @@ def train(cfg: RunConfig) -> dict:
     return result
 
 
-def _shard_stream(
-    cfg: RunConfig, source: ShardPairs, cache: TeacherCache | None, dist_info: DistInfo, first_micro: int
-):
-    """Training batches of WebDataset shards, and the number of samples they are drawn from."""
-    valid, valid_counts = None, None
-    if cache is not None:
-        manifest = cache.manifest()
-        if manifest is not None:
-            source.use_index(manifest[0])
-            valid_counts = manifest[1]
-        valid = cache.valid
-    micro_batch = cfg.train.batch_size // cfg.train.accum_steps
-    local_batch = micro_batch // dist_info.world_size
-    subset = training_subset(cfg)
-    batches = source.stream(local_batch, cfg.train.seed, dist_info.rank, dist_info.world_size, first_micro,
-                            valid, subset, valid_counts)  # fmt: skip
-    return batches, source.pool_size
-
-
 def equalize_batch(batch: dict) -> dict:
     """Trim every rank's batch to the smallest one, so gathered contrastive batches line up
     when some rank skipped bad samples (a collective of one integer per step)."""
@@ -432,7 +416,7 @@ def _to_device(batch: dict, device: torch.device, cache: TeacherCache | None) ->
         rows = batch["index"].cpu()  # every source's sample index is its cache row
         image, text = cache.rows(rows)
         moved["teacher_image"], moved["teacher_text"] = image.to(device), text.to(device)
-        moved["cache_row"] = torch.as_tensor(rows)  # streamed samples: not the same as "index"
+        moved["cache_row"] = torch.as_tensor(rows)
     return moved
 
 

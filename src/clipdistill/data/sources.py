@@ -204,16 +204,22 @@ class ShardPairs:
         rank: int,
         world_size: int,
         start_step: int,
-        valid: np.ndarray | None = None,
+        cache=None,
         subset: np.ndarray | None = None,
-        valid_counts: np.ndarray | None = None,
     ) -> Iterator[dict]:
         """Training batches from step `start_step` on: shards shuffled per epoch and dealt to ranks
         (`shard_order`), batches cut from each rank's stream, exactly resumable at any step.
 
-        Only rows that are `valid` (the cache's; None: all) and in the sorted `subset` (None: all) are
-        read. `valid_counts` (valid rows per shard, from the manifest) spares reading `valid` to count.
+        With the teacher `cache` of these shards, its manifest replaces reading the tar headers and
+        only the rows it holds as valid are read; `subset` (sorted rows; None: all) narrows them.
         """
+        valid, valid_counts = None, None
+        if cache is not None:
+            manifest = cache.manifest()
+            if manifest is not None:
+                self.use_index(manifest[0])
+                valid_counts = manifest[1]
+            valid = cache.valid
         if len(self.shards) < world_size:
             raise ValueError(
                 f"{len(self.shards)} shards in {self.urls!r} cannot be split over {world_size} ranks"
