@@ -150,3 +150,16 @@ def test_webdataset_resume_at_steps_off_the_workers_round_gives_the_uninterrupte
     whole = load_file(tmp_path / "run" / "whole" / "model.safetensors")
     assert resumed.keys() == whole.keys()
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_shards_changed_after_embed_are_refused_by_embed_and_train(tmp_path, shards):
+    from clipdistill.cache import CacheMismatchError
+    from clipdistill.data.pairs import ShardChangedError
+
+    run_embed(_cfg(tmp_path, shards))
+    _write_shard(tmp_path / "001.tar", [f"new_{i:03d}" for i in range(24)], np.random.default_rng(1))
+    with pytest.raises(CacheMismatchError, match="the shards changed"):
+        run_embed(_cfg(tmp_path, shards))
+    with pytest.raises(ShardChangedError, match="001.tar changed"):
+        train(_cfg(tmp_path, shards, "--train.method", "openclip_distill", "--train.steps", "12",
+                   "--train.batch_size", "4"))  # fmt: skip
