@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: deps demo test lint bench bench-perf clean-demo
+.PHONY: deps demo test lint bench bench-perf bench-real bench-datapath clean-demo
 
 # The package goes in with --no-deps (fast: requirements.txt pins every dependency); .ci/install_check
 # proves that pyproject.toml declares them too, with `pip install .` into a fresh venv.
@@ -33,6 +33,16 @@ bench: deps
 # The performance ratios of benchmarks/README.md; PERF_ARGS=--quick for a smoke run.
 bench-perf: deps
 	$(BIN)/python -m benchmarks.perf $(PERF_ARGS)
+
+# The real pipeline at 224 px on 512-px JPEG shards (CPU, ~10 min), then the reduced-size JPEG decode
+# side by side with the full one; results in benchmarks/results/ (benchmarks/real_and_scale.md).
+bench-real: deps
+	$(BIN)/python -m benchmarks.real
+	$(BIN)/python -m benchmarks.decode --side 512
+
+# train's start-up and peak memory at 10k and 10M rows (writes, then deletes, ~1 GB in runs/datapath).
+bench-datapath: deps
+	$(BIN)/python -m benchmarks.datapath
 
 test: deps
 	$(BIN)/ruff check src tests

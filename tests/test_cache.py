@@ -63,7 +63,7 @@ def test_report(built):
     assert report["num_samples"] == report["valid_samples"] == 512
     assert report["shards_computed"] == NUM_SHARDS and report["skipped_total"] == 0
     shards = {name for s in range(NUM_SHARDS) for name in (f"emb_{s:05d}.npy", f"shard_{s:05d}.json")}
-    assert set(_files(cache_dir(cfg))) == {"meta.json"} | shards
+    assert set(_files(cache_dir(cfg))) == {"meta.json", "valid.npy"} | shards
 
 
 @pytest.mark.slow

@@ -4,8 +4,12 @@ Layout of a cache folder:
     meta.json              fingerprint, sizes, shard size (written first; a mismatch is refused)
     emb_00000.npy          float16 [rows, image_dim + text_dim], L2-normalised embeddings
     shard_00000.json       ids and validity of the shard's rows (written last: the shard's done mark)
+    valid.npy              bool [rows], every shard's validity in one array (written when all are done)
+    manifest.npz           WebDataset data: records and valid records per tar shard, digests of their
+                           keys (`ShardIndex`), so `train` maps a sample to its row without a key table
 A shard is computed from a fixed list of rows in fixed batches, so a resumed run writes the same
-bytes as an uninterrupted one.
+bytes as an uninterrupted one, and N processes (`torchrun ... embed`), each computing the shards
+s with s % N == rank, write the same bytes as one.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from clipdistill.checkpoint import read_json, save_npy, write_json
+from clipdistill import distributed
+from clipdistill.checkpoint import atomic_write, read_json, save_npy, write_json
+from clipdistill.data.pairs import ShardIndex
 
 
 class CacheMismatchError(RuntimeError):
@@ -67,17 +73,19 @@ class TeacherCache:
                 f"teacher cache at {self.folder} is incomplete ({len(missing)} of "
                 f"{self.meta.num_shards} shards missing): rerun `clipdistill embed` to finish it"
             )
-        self._shards = [
-            np.load(self.folder / f"emb_{s:05d}.npy", mmap_mode="r") for s in range(self.meta.num_shards)
-        ]
-        self.keyed_by_id = self.meta.data_id.startswith("webdataset:")
-        self._row_of_id: dict[str, int] | None = None
-        self.valid = np.concatenate(
-            [
-                np.asarray(read_json(self.folder / f"shard_{s:05d}.json")["valid"], dtype=bool)
-                for s in range(self.meta.num_shards)
-            ]
-        )
+        self._shards: dict[int, np.ndarray] = {}  # memory-mapped on first use: start-up reads no shard
+        if (self.folder / "valid.npy").is_file():
+            self.valid = np.load(self.folder / "valid.npy", mmap_mode="r")
+        else:  # a cache written before valid.npy existed
+            self.valid = shard_validity(self.folder, self.meta.num_shards)
+
+    def manifest(self) -> tuple[ShardIndex, np.ndarray] | None:
+        """The WebDataset manifest (the shards' index, valid records per shard), if `embed` wrote one."""
+        path = self.folder / "manifest.npz"
+        if not path.is_file():
+            return None
+        with np.load(path, allow_pickle=False) as saved:
+            return ShardIndex(saved["counts"], saved["digests"]), saved["valid_counts"]
 
     def __len__(self) -> int:
         return self.meta.num_samples
@@ -96,23 +104,6 @@ class TeacherCache:
                 f"delete {self.folder} and rerun `clipdistill embed`"
             )
 
-    def rows_of_ids(self, ids: list[str]) -> np.ndarray:
-        """Cache rows of sample keys (streamed data, whose order differs from the cache's)."""
-        if self._row_of_id is None:
-            self._row_of_id = {}
-            for s in range(self.meta.num_shards):
-                start = self.meta.shard_rows(s).start
-                for offset, key in enumerate(read_json(self.folder / f"shard_{s:05d}.json")["ids"]):
-                    if key:
-                        self._row_of_id[key] = start + offset
-        missing = [k for k in ids if k not in self._row_of_id]
-        if missing:
-            raise CacheMismatchError(
-                f"samples {missing[:3]} are not in the teacher cache at {self.folder}: the shards changed "
-                "since `embed`; rerun it"
-            )
-        return np.array([self._row_of_id[k] for k in ids], dtype=np.int64)
-
     def rows(self, index: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(image, text) float32 embeddings of the given sample indices, in order."""
         index = np.asarray(index, dtype=np.int64)
@@ -120,14 +111,19 @@ class TeacherCache:
         shard, offset = np.divmod(index, self.meta.shard_size)
         for s in np.unique(shard):
             hit = shard == s
-            out[hit] = self._shards[s][offset[hit]]
+            out[hit] = self._shard(int(s))[offset[hit]]
         emb = torch.from_numpy(out).float()
         return emb[:, : self.meta.image_dim], emb[:, self.meta.image_dim :]
 
     def all_image(self, chunk: int = 65536):
         """Image embeddings shard by shard (memory-mapped views), for balance and cluster."""
-        for array in self._shards:
-            yield array[:, : self.meta.image_dim]
+        for s in range(self.meta.num_shards):
+            yield self._shard(s)[:, : self.meta.image_dim]
+
+    def _shard(self, s: int) -> np.ndarray:
+        if s not in self._shards:
+            self._shards[s] = np.load(self.folder / f"emb_{s:05d}.npy", mmap_mode="r")
+        return self._shards[s]
 
 
 @torch.no_grad()
@@ -155,12 +151,47 @@ def embed_shard(
     return emb, {"ids": ids, "valid": valid.tolist(), "skipped": skipped}
 
 
+def shard_validity(folder: Path, num_shards: int) -> np.ndarray:
+    parts = [read_json(folder / f"shard_{s:05d}.json")["valid"] for s in range(num_shards)]
+    return np.concatenate([np.asarray(part, dtype=bool) for part in parts])
+
+
+def save_manifest(folder: str | Path, index: ShardIndex, valid: np.ndarray) -> None:
+    """`manifest.npz` of a WebDataset cache: the shards' index and each tar shard's valid records."""
+    valid_counts = np.add.reduceat(np.asarray(valid, dtype=np.int64), index.offsets)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to the temporary name
+            np.savez(f, counts=index.counts, digests=index.digests, valid_counts=valid_counts)
+
+    atomic_write(Path(folder) / "manifest.npz", write)
+
+
+def check_manifest(folder: str | Path, index: ShardIndex) -> None:
+    """Refuse to reuse a finished WebDataset cache whose shards have changed since."""
+    path = Path(folder) / "manifest.npz"
+    if not path.is_file():
+        return
+    with np.load(path, allow_pickle=False) as saved:
+        same = all(np.array_equal(saved[k], getattr(index, k)) for k in ("counts", "digests"))
+    if not same:
+        raise CacheMismatchError(
+            f"the shards changed since the cache at {folder} was built (other samples or keys): "
+            f"delete {folder} and rerun `clipdistill embed`"
+        )
+
+
 def build_cache(
     folder: str | Path, meta: CacheMeta, teacher, source, batch_size: int, device: torch.device
 ) -> dict:
-    """Compute (or finish) the cache; returns a report with timing and skipped-sample counts."""
+    """Compute (or finish) the cache; returns a report with timing and skipped-sample counts.
+
+    Under torchrun each rank computes the unfinished shards s with s % world_size == rank; rank 0
+    writes the metadata before and `valid.npy` after.
+    """
     folder = Path(folder)
     meta_path = folder / "meta.json"
+    rank, world = distributed.rank(), distributed.world_size()
     if meta_path.is_file():
         old = CacheMeta(**read_json(meta_path))
         if old != meta:
@@ -170,16 +201,20 @@ def build_cache(
                 f"{meta.model_id}, {meta.fingerprint}, {meta.num_samples}, {meta.shard_size}. "
                 f"Delete {folder} to rebuild it"
             )
-    else:
+    elif rank == 0:
         write_json(meta_path, meta.__dict__)
-    for stale in folder.glob(".*.tmp"):  # half-written files of a killed run (see atomic_path)
-        stale.unlink()
-    todo = [s for s in range(meta.num_shards) if not (folder / f"shard_{s:05d}.json").is_file()]
+    if rank == 0:
+        for stale in folder.glob(".*.tmp"):  # half-written files of a killed run (see atomic_path)
+            stale.unlink()
+    distributed.barrier()
+    mine = range(rank, meta.num_shards, world)
+    todo = [s for s in mine if not (folder / f"shard_{s:05d}.json").is_file()]
     start, skipped = time.time(), 0
+    total = sum(len(meta.shard_rows(s)) for s in mine)
     progress = tqdm(
-        total=meta.num_samples,
-        initial=meta.num_samples - sum(len(meta.shard_rows(s)) for s in todo),
-        desc="embed",
+        total=total,
+        initial=total - sum(len(meta.shard_rows(s)) for s in todo),
+        desc="embed" if world == 1 else f"embed rank {rank}",
         unit="img",
         dynamic_ncols=True,
     )
@@ -193,4 +228,9 @@ def build_cache(
         write_json(folder / f"shard_{s:05d}.json", record)  # the shard's done mark, written last
         skipped += len(record["skipped"])
     progress.close()
-    return {"shards_computed": len(todo), "seconds": time.time() - start, "skipped_in_this_run": skipped}
+    skipped = sum(distributed.all_gather_objects(skipped))
+    if rank == 0 and not (folder / "valid.npy").is_file():
+        save_npy(folder / "valid.npy", shard_validity(folder, meta.num_shards))
+    distributed.barrier()
+    computed = sum(distributed.all_gather_objects(len(todo)))
+    return {"shards_computed": computed, "seconds": time.time() - start, "skipped_in_this_run": skipped}

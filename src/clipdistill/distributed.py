@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
@@ -52,6 +53,37 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_objects(obj: object) -> list:
+    """`obj` of every rank, in rank order (picklable values: small results, not tensors)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_array(array: np.ndarray | None) -> np.ndarray:
+    """Rank 0's array on every rank (other ranks pass None)."""
+    if world_size() == 1:
+        return array
+    box = [array]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sum_disjoint_(array: np.ndarray) -> np.ndarray:
+    """In place: the sum over ranks of an integer array that each rank filled in its own rows (zeros
+    elsewhere), i.e. every rank's rows in one array, on every rank."""
+    if world_size() > 1:
+        dist.all_reduce(torch.from_numpy(array))
+    return array
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -5,12 +5,21 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from clipdistill.cache import CacheMeta, TeacherCache, build_cache, teacher_fingerprint
+import torch
+
+from clipdistill.cache import (
+    CacheMeta,
+    TeacherCache,
+    build_cache,
+    check_manifest,
+    save_manifest,
+    teacher_fingerprint,
+)
 from clipdistill.checkpoint import read_json, write_json
 from clipdistill.config import RunConfig
 from clipdistill.data.classification import path_hint
-from clipdistill.data.sources import TablePairs, make_pair_source
-from clipdistill.distributed import resolve_device
+from clipdistill.data.sources import ShardPairs, TablePairs, make_pair_source
+from clipdistill.distributed import init_distributed, resolve_device
 from clipdistill.models.factory import create_teacher
 from clipdistill.runs import cache_dir, data_id
 
@@ -24,8 +33,12 @@ class TooManySkipped(ValueError):
 
 def run_embed(cfg: RunConfig) -> dict:
     """Build (or finish) the run's teacher cache; refuses a cache from another teacher or other data,
-    and data whose samples were mostly skipped."""
+    and data whose samples were mostly skipped. Under torchrun the ranks share the shards
+    (`build_cache`); the result is the same bytes."""
     device = resolve_device(cfg.embed.device)
+    dist_info = init_distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
     teacher = create_teacher(cfg.teacher, lab_data=cfg.data.kind == "lab")
     teacher.model.to(device)
     source = make_pair_source(cfg.data, teacher.tokenizer, teacher.preprocess)
@@ -42,8 +55,12 @@ def run_embed(cfg: RunConfig) -> dict:
         shard_size=cfg.embed.shard_size,
     )
     folder = cache_dir(cfg)
+    if isinstance(source, ShardPairs):
+        check_manifest(folder, source.index)
     report = build_cache(folder, meta, teacher.model, source, cfg.embed.batch_size, device)
     cache = TeacherCache(folder)
+    if isinstance(source, ShardPairs) and dist_info.is_main:
+        save_manifest(folder, source.index, cache.valid)
     report |= {
         "teacher": meta.model_id,
         "num_samples": len(cache),
@@ -52,7 +69,8 @@ def run_embed(cfg: RunConfig) -> dict:
         "fingerprint": meta.fingerprint,
     }
     report |= skip_summary(folder, meta.num_shards)
-    write_json(Path(folder) / "report.json", report)
+    if dist_info.is_main:
+        write_json(Path(folder) / "report.json", report)
     check_skipped(report, cfg, source)
     return report
 

@@ -36,7 +36,8 @@ from clipdistill.checkpoint import (
     write_json,
 )
 from clipdistill.config import NEWER_DEFAULTS, ConfigError, RunConfig, TrainConfig, fingerprint, to_dict
-from clipdistill.data.sources import ShardPairs, StepSampler, make_pair_source
+from clipdistill.data.sampler import StepSampler
+from clipdistill.data.sources import ShardPairs, make_pair_source
 from clipdistill.distributed import DistInfo, all_reduce_mean, init_distributed, resolve_device
 from clipdistill.methods import method_sections, task_class
 from clipdistill.methods.task import TERM, CacheUse, Task, loss_terms
@@ -236,6 +237,16 @@ def check_batch(batch: dict, step: int) -> None:
         )
 
 
+def training_subset(cfg: RunConfig) -> np.ndarray | None:
+    """The sorted sample ids of `train.subset`, if set."""
+    if not cfg.train.subset:
+        return None
+    path = run_path(cfg, cfg.train.subset)
+    if not path.is_file():
+        raise ConfigError(f"train.subset {path} does not exist (run `clipdistill balance` first)")
+    return np.unique(np.load(path, allow_pickle=False))
+
+
 def _cache_if_built(cfg: RunConfig) -> TeacherCache | None:
     """The run's finished teacher cache of this data, if any: its validity keeps the bad samples `embed`
     found out of the pool of methods that do not read the cache (so batches stay full)."""
@@ -264,11 +275,7 @@ def training_pool(cfg: RunConfig, task: Task, size: int, cache: TeacherCache | N
     if cache is not None:
         pool = pool[cache.valid[:size]]
     if cfg.train.subset:
-        path = run_path(cfg, cfg.train.subset)
-        if not path.is_file():
-            raise ConfigError(f"train.subset {path} does not exist (run `clipdistill balance` first)")
-        keep = np.load(path, allow_pickle=False)
-        pool = np.intersect1d(pool, keep)
+        pool = np.intersect1d(pool, training_subset(cfg))
     pool = task.training_pool(pool)
     if len(pool) == 0:
         valid = int(cache.valid[:size].sum()) if cache is not None else size
@@ -379,16 +386,15 @@ def train_step(trainer: Trainer, batches: Iterator[dict], step: int) -> StepResu
     return StepResult(parts_sum, lr, skipped)
 
 
-def build(cfg: RunConfig, run: Run) -> tuple[Trainer, object, np.ndarray]:
-    """The model, the task of `train.method` around it, its cache, the data and the pool it trains on."""
+def build(cfg: RunConfig, run: Run) -> tuple[Trainer, object]:
+    """The model, the task of `train.method` around it, its cache and the data."""
     task_cls = task_class(cfg.train.method)
     loaded = load_model_for(cfg, task_cls)
     cache = load_cache(cfg, task_cls.cache_use)
     task = task_cls.from_config(cfg, loaded.model, cache).to(run.device)
     source = make_pair_source(cfg.data, loaded.tokenizer, loaded.preprocess)
-    pool = training_pool(cfg, task, len(source), cache or _cache_if_built(cfg))
     trainer = make_trainer(task, cfg.train, run.device, cache, run.dist.world_size, run.checkpoint)
-    return trainer, source, pool
+    return trainer, source
 
 
 def restore(trainer: Trainer, state: dict | None) -> tuple[int, float]:
@@ -413,16 +419,20 @@ def prepare_folder(run: Run, start_step: int) -> None:
     _trim_metrics(run.out / "metrics.jsonl", start_step)
 
 
-def training_batches(run: Run, source, pool: np.ndarray, start_step: int) -> Iterator[dict]:
-    """This rank's micro-batches from `start_step` on, in the order an uninterrupted run sees them."""
-    tc, info = run.cfg.train, run.dist
+def training_batches(run: Run, trainer: Trainer, source, start_step: int) -> tuple[Iterator[dict], int]:
+    """This rank's micro-batches from `start_step` on, in the order an uninterrupted run sees them, and
+    the number of samples the run draws from."""
+    cfg, tc, info = run.cfg, run.cfg.train, run.dist
     micro_batch = tc.batch_size // tc.accum_steps
     first_micro = start_step * tc.accum_steps
-    if isinstance(source, ShardPairs):  # streamed shards: cache rows are found by sample key
-        return source.stream(micro_batch // info.world_size, tc.seed, info.rank, info.world_size,
-                             first_micro, pool)  # fmt: skip
+    cache = trainer.cache or _cache_if_built(cfg)  # its validity keeps bad samples out of every pool
+    if isinstance(source, ShardPairs):  # streamed shards: the cache's manifest gives every sample's row
+        batches = source.stream(micro_batch // info.world_size, tc.seed, info.rank, info.world_size,
+                                first_micro, cache, training_subset(cfg))  # fmt: skip
+        return batches, source.pool_size
+    pool = training_pool(cfg, trainer.task, len(source), cache)
     sampler = StepSampler(pool, micro_batch, tc.seed, info.rank, info.world_size)
-    return source.batches(sampler.schedule(first_micro, tc.steps * tc.accum_steps))
+    return source.batches(sampler.schedule(first_micro, tc.steps * tc.accum_steps)), len(pool)
 
 
 class TrainLog:
@@ -479,7 +489,7 @@ def save_checkpoint(run: Run, trainer: Trainer, done_steps: int, elapsed: float)
         save_training_state(state, run.checkpoint)
 
 
-def finish(run: Run, trainer: Trainer, log: TrainLog, pool: np.ndarray) -> dict:
+def finish(run: Run, trainer: Trainer, log: TrainLog, pool_size: int) -> dict:
     """What the task exports, then done.json (written last: it marks the run finished)."""
     log.close()
     result = {
@@ -488,7 +498,7 @@ def finish(run: Run, trainer: Trainer, log: TrainLog, pool: np.ndarray) -> dict:
         "train_seconds": round(log.elapsed, 2),
         "world_size": run.dist.world_size,
         "skipped_samples": log.skipped,
-        "train_samples": int(len(pool)),
+        "train_samples": int(pool_size),
     }
     if run.dist.is_main:
         trainer.task.export(run.out)
@@ -502,17 +512,18 @@ def train(cfg: RunConfig) -> dict:
     if run.finished is not None:
         return run.finished
     seed_everything(cfg.train)
-    trainer, source, pool = build(cfg, run)
+    trainer, source = build(cfg, run)
+    # the data before the checkpoint's RNG: a stream's loader draws its workers' seed when it starts
+    batches, pool_size = training_batches(run, trainer, source, run.state["step"] if run.state else 0)
     start_step, elapsed = restore(trainer, run.state)
     prepare_folder(run, start_step)
-    batches = training_batches(run, source, pool, start_step)
     log = TrainLog(run, start_step, elapsed)
     trainer.task.train()
     for step in range(start_step, cfg.train.steps):
         log.step(step + 1, train_step(trainer, batches, step))
         if (step + 1) % cfg.train.ckpt_every == 0 or step + 1 == cfg.train.steps:
             save_checkpoint(run, trainer, step + 1, log.lap())
-    return finish(run, trainer, log, pool)
+    return finish(run, trainer, log, pool_size)
 
 
 def equalize_batch(batch: dict) -> dict:
@@ -530,10 +541,10 @@ def prepare_batch(batch: dict, device: torch.device, cache: TeacherCache | None)
         k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
     }
     if cache is not None:
-        rows = cache.rows_of_ids(batch["id"]) if "id" in batch and cache.keyed_by_id else batch["index"].cpu()
+        rows = batch["index"].cpu()  # every source's sample index is its cache row
         image, text = cache.rows(rows)
         moved["teacher_image"], moved["teacher_text"] = image.to(device), text.to(device)
-        moved["cache_row"] = torch.as_tensor(rows)  # streamed samples: not the same as "index"
+        moved["cache_row"] = torch.as_tensor(rows)
     return moved
 
 

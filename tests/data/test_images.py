@@ -176,3 +176,40 @@ def test_skip_counter():
         "by_reason": {"truncated": 2, "empty_caption": 1},
         "examples": ["a", "b"],
     }
+
+
+# ---- reduced-size JPEG decode -----------------------------------------------------------------------
+
+# Tolerance of the reduced-size decode against the full one, after the same resize to 224 and centre
+# crop, on [0, 1] pixel values: mean absolute difference <= 3/255, 99th percentile <= 24/255 (DCT-domain
+# scaling antialiases a little differently from a bicubic filter; detailed photos show it most).
+DRAFT_MEAN, DRAFT_P99 = 3 / 255, 24 / 255
+
+
+def _photo(size: tuple[int, int], fmt: str = "JPEG") -> bytes:
+    from sklearn.datasets import load_sample_image
+
+    return _encoded(Image.fromarray(load_sample_image("china.jpg")).resize(size, Image.BICUBIC), fmt)
+
+
+def _to_224(image: Image.Image) -> np.ndarray:
+    from clipdistill.data.sources import pil_transform
+    from clipdistill.models.factory import Preprocess
+
+    return pil_transform(Preprocess(224, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))(image).numpy()
+
+
+@pytest.mark.parametrize("size", [(512, 512), (460, 460), (1024, 700), (700, 1024)])
+def test_large_jpeg_decodes_at_reduced_size_within_tolerance(size):
+    data = _photo(size)
+    reduced = decode_image(data, min_side=224)
+    assert min(reduced.size) < min(size) and min(reduced.size) >= 224  # decoded at 1/2 or 1/4 scale
+    diff = np.abs(_to_224(reduced) - _to_224(decode_image(data)))
+    assert diff.mean() <= DRAFT_MEAN and np.quantile(diff, 0.99) <= DRAFT_P99
+    assert diff.max() > 0  # a different decode, not the full one
+
+
+@pytest.mark.parametrize("size, fmt", [((640, 427), "JPEG"), ((512, 512), "PNG"), ((512, 512), "WEBP")])
+def test_small_jpegs_and_other_formats_decode_as_before(size, fmt):
+    data = _photo(size, fmt)
+    assert np.array_equal(np.asarray(decode_image(data, min_side=224)), np.asarray(decode_image(data)))

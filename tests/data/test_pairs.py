@@ -11,9 +11,20 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
+from clipdistill.config import DataConfig
 from clipdistill.data import pairs
 from clipdistill.data.images import SkipCounter
-from clipdistill.data.pairs import PairsDataset, WebDatasetPairs, collate_pairs, expand_urls
+from clipdistill.data.pairs import (
+    PairsDataset,
+    ShardBatches,
+    ShardChangedError,
+    ShardIndex,
+    collate_pairs,
+    expand_urls,
+    shard_order,
+)
+from clipdistill.data.sources import ShardPairs
+from clipdistill.models.factory import Preprocess
 
 TRANSFORM = T.Compose([T.Resize((8, 8)), T.ToTensor()])
 
@@ -189,6 +200,16 @@ def _stream(dataset) -> list[tuple[str, int, str]]:
     return out
 
 
+def _records(urls: str, order=None, start: int = 0, keep=None, index=None) -> ShardBatches:
+    """The record stream of `order`'s shards (batches of one record, uncollated), from record `start`."""
+    shards = expand_urls(urls)
+    index = index or ShardIndex.scan(shards)
+    order = list(range(len(shards))) if order is None else order
+    masks = keep or (lambda i: None)
+    kept = index.counts if keep is None else np.array([int(keep(i).sum()) for i in range(len(shards))])
+    return ShardBatches(shards, index, order, kept, masks, 1, start, TRANSFORM, lambda samples: samples[0])
+
+
 def _keys(dataset) -> list[str]:
     return [key for key, _, _ in _stream(dataset)]
 
@@ -198,44 +219,58 @@ def test_expand_urls():
     assert expand_urls("a/{0..1}.tar::b/x.tar:: ") == ["a/0.tar", "a/1.tar", "b/x.tar"]
 
 
-def test_reads_every_record_in_order(shards):
+def test_reads_every_record_in_order_and_indexes_the_shards(shards):
     urls, records = shards
-    stream = _stream(WebDatasetPairs(urls, TRANSFORM))
+    stream = _stream(_records(urls))
     assert stream == [(key, i, outcome) for i, (key, outcome) in enumerate(records)]
+    index = ShardIndex.scan(expand_urls(urls))
+    assert index.counts.tolist() == [4, 4, 4] and index.offsets.tolist() == [0, 4, 8]
+    assert len(set(index.digests.tolist())) == 3
 
 
 def test_two_ranks_cover_each_sample_exactly_once(shards):
     urls, records = shards
-    per_rank = [
-        _keys(WebDatasetPairs(urls, TRANSFORM, rank=r, world_size=2, shuffle_shards=True)) for r in range(2)
-    ]
+    orders = [shard_order(3, seed=0, epoch=0, rank=r, world_size=2) for r in range(2)]
+    per_rank = [_keys(_records(urls, order)) for order in orders]
     assert per_rank[0] and per_rank[1]
     assert sorted(per_rank[0] + per_rank[1]) == sorted(key for key, _ in records)
 
 
-def test_shuffled_order_is_fixed_by_seed_and_epoch(shards):
-    urls, records = shards
-
-    def order(seed, epoch):
-        return _keys(WebDatasetPairs(urls, TRANSFORM, shuffle_shards=True, seed=seed, epoch=epoch))
-
-    assert order(3, 1) == order(3, 1)
-    orders = {tuple(order(3, epoch)) for epoch in range(6)}
-    assert len(orders) > 1
-    assert all(sorted(o) == sorted(key for key, _ in records) for o in orders)
+def test_shuffled_order_is_fixed_by_seed_and_epoch():
+    assert shard_order(50, 3, 1, 0, 1) == shard_order(50, 3, 1, 0, 1)
+    orders = {tuple(shard_order(50, 3, epoch, 0, 1)) for epoch in range(6)}
+    assert len(orders) == 6 and all(sorted(o) == list(range(50)) for o in orders)
 
 
-@pytest.mark.parametrize("skip", [0, 3, 5, 11, 12, 20])
-def test_skip_resumes_exactly_without_decoding_skipped_images(shards, monkeypatch, skip):
+@pytest.mark.parametrize("skip", [0, 3, 5, 11])
+def test_start_resumes_exactly_without_decoding_skipped_images(shards, monkeypatch, skip):
     urls, _ = shards
-    options = {"rank": 1, "world_size": 2, "shuffle_shards": True, "seed": 7, "epoch": 2}
-    full = _stream(WebDatasetPairs(urls, TRANSFORM, **options))
+    order = [2, 0, 1]
+    full = _stream(_records(urls, order))
     decoded = []
     decode = pairs.decode_image
-    monkeypatch.setattr(pairs, "decode_image", lambda source, name: decoded.append(name) or decode(source))
-    resumed = _stream(WebDatasetPairs(urls, TRANSFORM, skip=skip, **options))
+    monkeypatch.setattr(
+        pairs, "decode_image", lambda source, name, min_side: decoded.append(name) or decode(source)
+    )
+    resumed = _stream(_records(urls, order, start=skip))
     assert resumed == full[skip:]
     assert decoded == [key for key, _, outcome in full[skip:] if outcome == "ok"]
+
+
+def test_kept_records_only_and_their_cache_rows(shards):
+    urls, records = shards
+    masks = [np.array([True, False, True, False]), np.zeros(4, bool), np.array([False, True, True, True])]
+    stream = _stream(_records(urls, keep=lambda i: masks[i]))
+    rows = np.flatnonzero(np.concatenate(masks))
+    assert [(key, index) for key, index, _ in stream] == [(records[r][0], r) for r in rows]
+
+
+def test_a_changed_shard_is_refused(shards, tmp_path):
+    urls, _ = shards
+    index = ShardIndex.scan(expand_urls(urls))
+    _write_tar(tmp_path / "shard-001.tar", _sample("other/000", 0) + _sample("other/001", 1))
+    with pytest.raises(ShardChangedError, match="shard-001.tar changed"):
+        _stream(_records(urls, index=index))
 
 
 def _cut_shard(path, keep_bytes: int) -> None:
@@ -252,12 +287,13 @@ def test_truncated_shard_yields_good_prefix_then_a_bad_record(shards, tmp_path):
     shard = tmp_path / "shard-000.tar"
     image = _member(shard, "part/000_02.jpg")
     _cut_shard(shard, image.offset_data + image.size // 2)  # mid-way through sample 2's image
-    stream = _stream(WebDatasetPairs(urls, TRANSFORM))
+    stream = _stream(_records(urls))
     assert [key for key, _, _ in stream[:2]] == ["part/000_00", "part/000_01"]
     assert stream[2] == (str(shard), 2, "truncated_shard")
     assert [key for key, _, _ in stream[3:]] == [key for key, _ in records[4:]]  # the next shards still come
+    assert [index for _, index, _ in stream[3:]] == list(range(3, 11))  # rows: the cut shard counts 3
     for skip in (2, 3):  # the bad record holds its place when resuming, too
-        assert _stream(WebDatasetPairs(urls, TRANSFORM, skip=skip)) == stream[skip:]
+        assert _stream(_records(urls, start=skip)) == stream[skip:]
 
 
 def test_shard_cut_between_members_is_still_caught(shards, tmp_path):
@@ -265,7 +301,7 @@ def test_shard_cut_between_members_is_still_caught(shards, tmp_path):
     shard = tmp_path / "shard-002.tar"
     last = _member(shard, "part/002_03.json")
     _cut_shard(shard, last.offset_data + tarfile.BLOCKSIZE)  # every member whole, end-of-archive gone
-    stream = _stream(WebDatasetPairs(urls, TRANSFORM))
+    stream = _stream(_records(urls))
     # the last sample may have lost members past the cut, so it is replaced by the bad record
     assert [key for key, _, _ in stream[-3:]] == ["part/002_01", "part/002_02", str(shard)]
     assert stream[-1][2] == "truncated_shard"
@@ -275,39 +311,43 @@ def test_shard_cut_between_members_is_still_caught(shards, tmp_path):
 def test_unreadable_shard_is_one_bad_record(shards, tmp_path, content):
     urls, records = shards
     (tmp_path / "shard-001.tar").write_bytes(content)
-    stream = _stream(WebDatasetPairs(urls, TRANSFORM))
+    stream = _stream(_records(urls))
     assert stream[4] == (str(tmp_path / "shard-001.tar"), 4, "unreadable_shard")
     assert len(stream) == len(records) - 4 + 1
 
 
 def test_config_mistakes_fail_before_reading(shards, tmp_path):
     urls, _ = shards
+    tokenizer = lambda texts: torch.zeros(len(texts), 4, dtype=torch.long)  # noqa: E731
+    preprocess = Preprocess(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     with pytest.raises(FileNotFoundError, match="shard-003.tar"):
-        WebDatasetPairs(str(tmp_path / "shard-{000..003}.tar"), TRANSFORM)
-    with pytest.raises(ValueError, match="3 shards"):
-        WebDatasetPairs(urls, TRANSFORM, rank=0, world_size=4)
-
-
-def test_workers_split_shards_and_skip_keeps_its_meaning(shards):
-    urls, records = shards
-
-    def run(skip):
-        loader = DataLoader(
-            WebDatasetPairs(urls, TRANSFORM, skip=skip), batch_size=3, num_workers=2, collate_fn=collate_pairs
+        ShardPairs(
+            DataConfig(kind="webdataset", path=str(tmp_path / "shard-{000..003}.tar")), tokenizer, preprocess
         )
-        good, skipped = {}, []
-        for batch in loader:
-            good.update(zip(batch["id"], batch["index"].tolist(), strict=True))
-            skipped += batch["skipped"]
-        return good, skipped
+    source = ShardPairs(DataConfig(kind="webdataset", path=urls), tokenizer, preprocess)
+    with pytest.raises(ValueError, match="3 shards"):
+        source.stream(2, seed=0, rank=0, world_size=4, start_step=0)
 
-    good, skipped = run(0)
-    assert sorted(good) == sorted(key for key, outcome in records if outcome == "ok")
-    assert sorted(skipped) == [
+
+def _batches(urls, workers: int, start: int) -> list[tuple[list[str], list]]:
+    index = ShardIndex.scan(expand_urls(urls))
+    dataset = ShardBatches(
+        expand_urls(urls), index, [1, 2, 0], index.counts, lambda i: None, 3, start, TRANSFORM, collate_pairs
+    )
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers)
+    return [(batch["id"], batch["index"].tolist(), batch["skipped"]) for batch in loader]
+
+
+def test_workers_build_the_same_batches_in_order_and_resume_at_any_batch(shards):
+    urls, records = shards
+    alone = _batches(urls, 0, 0)
+    assert len(alone) == 4
+    assert sorted(key for ids, _, _ in alone for key in ids) == sorted(k for k, o in records if o == "ok")
+    assert sorted(tuple(skip) for _, _, skipped in alone for skip in skipped) == [
         ("empty_caption", "part/002_00"),
         ("missing_caption", "part/001_03"),
         ("missing_image", "part/000_03"),
     ]
-    assert len(set(good.values())) == len(good)  # indices stay unique across workers
-    resumed, _ = run(5)
-    assert resumed == {key: index for key, index in good.items() if index >= 5}
+    assert _batches(urls, 2, 0) == alone
+    for start in (1, 2, 3):  # 2 workers: odd starts are not multiples of the workers' round
+        assert _batches(urls, 2, start) == alone[start:]

@@ -51,8 +51,10 @@ def test_embed_streams_shards_in_order_and_counts_the_bad_sample(tmp_path, shard
     cache = TeacherCache(tmp_path / "run" / "cache")
     assert len(cache) == 48
     assert report["skipped_total"] == 1 and int(cache.valid.sum()) == 47
-    rows = cache.rows_of_ids(["s0_000", "s1_023", "s0_020"])
-    assert rows.tolist() == [0, 47, 20]
+    index, valid_counts = cache.manifest()
+    assert index.counts.tolist() == [24, 24] and index.offsets.tolist() == [0, 24]
+    assert valid_counts.tolist() == [23, 24]
+    rows = np.array([0, 47, 20])
     image, text = cache.rows(rows)
     assert image.shape == (3, 32) and np.allclose(image.norm(dim=1).numpy(), 1, atol=1e-2)
 
@@ -99,9 +101,66 @@ def test_a_pooled_stream_resumes_where_it_stopped(tmp_path, shards):
     pool = np.arange(1, 48, 2)  # 24 odd rows
 
     def ids(start_step, n):
-        stream = source.stream(4, seed=3, rank=0, world_size=1, start_step=start_step, pool=pool)
+        stream = source.stream(4, seed=3, rank=0, world_size=1, start_step=start_step, subset=pool)
         return [next(stream)["id"] for _ in range(n)]
 
     full = ids(0, 5)
     assert ids(2, 3) == full[2:]
     assert {24 * int(key[1]) + int(key[3:]) for batch in full for key in batch} <= set(pool.tolist())
+
+
+class Stop(Exception):
+    pass
+
+
+def test_webdataset_resume_at_steps_off_the_workers_round_gives_the_uninterrupted_weights(
+    tmp_path, shards, monkeypatch
+):
+    """Batches of 4 from 2 workers (a round of 8 samples), stopped after steps 5 and 11 (11 is also the
+    end of the first epoch: 47 valid samples), resumed from the checkpoint each time."""
+    import torch
+    from safetensors.torch import load_file
+
+    import clipdistill.train as train_module
+    from clipdistill.checkpoint import safe_torch_load
+
+    run_embed(_cfg(tmp_path, shards))
+    extra = ("--train.method", "openclip_distill", "--train.steps", "14", "--train.batch_size", "4",
+             "--data.num_workers", "2", "--train.ckpt_every", "1",
+             "--train.deterministic", "true")  # fmt: skip
+    stopped = _cfg(tmp_path, shards, *extra, "--train.name", "stopped")
+    to_device = train_module.prepare_batch
+    for start, stop_after in ((0, 5), (5, 11)):
+        calls = []
+
+        def counted(batch, *args, steps=stop_after - start, calls=calls):
+            calls.append(1)
+            if len(calls) > steps:
+                raise Stop
+            return to_device(batch, *args)
+
+        monkeypatch.setattr(train_module, "prepare_batch", counted)
+        with pytest.raises(Stop):
+            train(stopped)
+        assert safe_torch_load(tmp_path / "run" / "stopped" / "checkpoint.pt")["step"] == stop_after
+    monkeypatch.setattr(train_module, "prepare_batch", to_device)
+    train(stopped)
+    train(_cfg(tmp_path, shards, *extra, "--train.name", "whole"))
+    torch.use_deterministic_algorithms(False)
+    resumed = load_file(tmp_path / "run" / "stopped" / "model.safetensors")
+    whole = load_file(tmp_path / "run" / "whole" / "model.safetensors")
+    assert resumed.keys() == whole.keys()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_shards_changed_after_embed_are_refused_by_embed_and_train(tmp_path, shards):
+    from clipdistill.cache import CacheMismatchError
+    from clipdistill.data.pairs import ShardChangedError
+
+    run_embed(_cfg(tmp_path, shards))
+    _write_shard(tmp_path / "001.tar", [f"new_{i:03d}" for i in range(24)], np.random.default_rng(1))
+    with pytest.raises(CacheMismatchError, match="the shards changed"):
+        run_embed(_cfg(tmp_path, shards))
+    with pytest.raises(ShardChangedError, match="001.tar changed"):
+        train(_cfg(tmp_path, shards, "--train.method", "openclip_distill", "--train.steps", "12",
+                   "--train.batch_size", "4"))  # fmt: skip

@@ -2,6 +2,7 @@
 
 Embeddings may be memory-mapped float16 arrays (or `concat_image_text` views) far larger than
 memory: k-means trains on a random sample and labels are assigned a chunk of rows at a time.
+Under torchrun, k-means trains in rank 0 only and every rank labels its own share of the chunks.
 For K = 1,000,000 (the paper's scale): train on ~64-256 points per centroid on GPU with random
 seeding, and assign labels through an IVF index over the centroids (`assign_labels(index="ivf")`).
 """
@@ -12,6 +13,8 @@ from typing import Any, Literal
 
 import faiss
 import numpy as np
+
+from clipdistill import distributed
 
 CHUNK = 65536
 # AFK-MC² seeding (a cheap k-means++) costs O(K²·d); past this K it outweighs random seeding's
@@ -62,7 +65,8 @@ def assign_labels(
     index: Literal["auto", "flat", "ivf"] = "auto",
     use_gpu: bool | None = None,
 ) -> np.ndarray:
-    """Nearest centroid (inner product) of every row, `chunk` rows at a time.
+    """Nearest centroid (inner product) of every row, `chunk` rows at a time; under torchrun rank r
+    labels chunks r, r + N, ... and every rank gets all labels (the same as one process's).
 
     "flat" is exact; "ivf" (the default from 100k centroids) probes 32 of ~4·√K centroid lists,
     approximate but sublinear in K.
@@ -83,11 +87,11 @@ def assign_labels(
     if _gpu(use_gpu):
         searcher = faiss.index_cpu_to_all_gpus(searcher)
     searcher.add(centroids)
-    labels = np.empty(len(embeddings), dtype=np.int64)
-    for start in range(0, len(embeddings), chunk):
+    labels = np.zeros(len(embeddings), dtype=np.int64)
+    for start in range(distributed.rank() * chunk, len(embeddings), distributed.world_size() * chunk):
         _, nearest = searcher.search(normalize_rows(embeddings[start : start + chunk]), 1)
         labels[start : start + chunk] = nearest[:, 0]
-    return labels
+    return distributed.sum_disjoint_(labels)
 
 
 def kmeans_centroids(
@@ -128,6 +132,9 @@ def kmeans_centroids(
         max_points_per_centroid=max_points_per_centroid,
         gpu=gpu,
     )
-    kmeans.train(normalize_rows(embeddings[sample]))
-    centroids = normalize_rows(kmeans.centroids)
+    centroids = None
+    if distributed.rank() == 0:
+        kmeans.train(normalize_rows(embeddings[sample]))
+        centroids = normalize_rows(kmeans.centroids)
+    centroids = distributed.broadcast_array(centroids)
     return centroids, assign_labels(embeddings, centroids, chunk=chunk, use_gpu=gpu)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from clipdistill.cache import TeacherCache
 from clipdistill.checkpoint import atomic_write, read_json, save_npy, write_json
@@ -24,6 +25,7 @@ from clipdistill.curate.balance import (
     semantic_dedup,
 )
 from clipdistill.curate.cluster import concat_image_text, kmeans_centroids
+from clipdistill.distributed import init_distributed
 from clipdistill.runs import cache_dir
 
 
@@ -130,7 +132,9 @@ def _subset_mask(cfg: RunConfig, cache: TeacherCache) -> tuple[np.ndarray, str]:
 
 def run_cluster(cfg: RunConfig) -> dict:
     """Spherical k-means over the cache -> centroids.npy and labels.npy in `<run_dir>/<cid.clusters>/`,
-    the folder `train.method cid` reads (so several clusterings can sit side by side)."""
+    the folder `train.method cid` reads (so several clusterings can sit side by side). Under torchrun
+    the ranks share the labelling pass and rank 0 writes."""
+    is_main = init_distributed(torch.device("cpu")).is_main
     cc = cfg.cluster
     cache = _cache(cfg)
     folder = Path(cfg.run_dir) / cfg.cid.clusters
@@ -144,8 +148,9 @@ def run_cluster(cfg: RunConfig) -> dict:
         embeddings = concat_image_text(embeddings, CacheView(cache, "text"))
     centroids, labels = kmeans_centroids(embeddings, cc.n_clusters, seed=cc.seed, niter=cc.niter, mask=mask)
     labels = np.where(mask, labels, -1).astype(np.int64)
-    save_npy(folder / "centroids.npy", centroids.astype(np.float32))
-    save_npy(folder / "labels.npy", labels)
+    if is_main:
+        save_npy(folder / "centroids.npy", centroids.astype(np.float32))
+        save_npy(folder / "labels.npy", labels)
     sizes = np.bincount(labels[mask], minlength=cc.n_clusters)
     report = {
         "fingerprint": key,
@@ -155,5 +160,6 @@ def run_cluster(cfg: RunConfig) -> dict:
         "largest_cluster": int(sizes.max()),
         "empty_clusters": int((sizes == 0).sum()),
     }
-    write_json(folder / "report.json", report)
+    if is_main:
+        write_json(folder / "report.json", report)
     return report

@@ -7,12 +7,14 @@ cannot be used becomes `{"bad": reason, "id": key, "index": i}`; `collate_pairs`
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +63,10 @@ class PairsDataset(Dataset):
         id_key: str | None = None,
         root: str | os.PathLike | None = None,
         sep: str | None = None,
+        min_side: int | None = None,
     ):
         self.path = Path(path)
+        self.min_side = min_side  # JPEGs twice this side or more decode at reduced size (`decode_image`)
         self.transform = transform
         self.root = Path(root) if root is not None else self.path.parent
         options = {image_key: "--data.image_key", caption_key: "--data.caption_key"}
@@ -89,7 +93,7 @@ class PairsDataset(Dataset):
         key = self.ids[i].as_py() if self.ids is not None else str(i)
         try:
             text = check_caption(self.captions[i].as_py(), name=f"{self.path} row {i} ({key})")
-            image = decode_image(self.root / (self.images[i].as_py() or ""))
+            image = decode_image(self.root / (self.images[i].as_py() or ""), min_side=self.min_side)
         except BadSample as e:
             return {"bad": e.reason, "id": key, "index": i}
         return {"image": self.transform(image), "text": text, "index": i, "id": key}
@@ -146,80 +150,113 @@ def expand_urls(urls: str) -> list[str]:
     return [url for part in urls.split("::") if part.strip() for url in braceexpand(part.strip())]
 
 
-class WebDatasetPairs(IterableDataset):
-    """Pairs from local webdataset tar shards, read with `tarfile`.
+def keys_digest(keys: list[str]) -> int:
+    """A 63-bit digest of a shard's sample keys, in order: `train` checks that a shard is still the one
+    `embed` read before it maps the shard's records to cache rows."""
+    return int.from_bytes(hashlib.blake2b("\n".join(keys).encode(), digest_size=8).digest(), "little") >> 1
 
-    Shards are split over ranks (`rank::world_size`), then over DataLoader workers. With W workers,
-    worker w's j-th record has `index = j * W + w`: the workers' streams interleaved sample by sample,
-    which is this rank's whole stream when W <= 1. `skip=k` yields only records with index >= k, reading
-    just the tar headers of the ones before; with W > 1 that resumes exactly when every worker had
-    delivered the same number of records (a multiple of batch_size * W). Bad records take an index too.
 
-    `keep` (one boolean mask per shard, in `urls` order, over the shard's records as
-    `count_shard_samples` counts them) drops the other records before anything is decoded; they take
-    no index, so `skip` counts kept records. This is how a training subset (cache rows) reaches a stream.
+@dataclass
+class ShardIndex:
+    """What a list of shards holds, from their headers: records per shard (`count_shard_samples`) and
+    the digest of each shard's keys. `embed` saves it next to the cache (`manifest.npz`), so `train`
+    knows every record's cache row, `offsets[shard] + record`, without reading a tar or a key table."""
 
-    Order is fixed by (seed, epoch): shards are shuffled, not samples, so mix samples when writing them.
+    counts: np.ndarray  # int64 [shards]
+    digests: np.ndarray  # int64 [shards]; -1 for a shard that cannot be opened
+
+    @classmethod
+    def scan(cls, shards: list[str]) -> ShardIndex:
+        counts, digests = np.empty(len(shards), np.int64), np.empty(len(shards), np.int64)
+        for i, path in enumerate(shards):
+            try:
+                with tarfile.open(path) as tar:
+                    groups, complete = _group_by_key(tar)
+                counts[i], digests[i] = len(groups) + (not complete), keys_digest([k for k, _ in groups])
+            except _TAR_ERRORS:
+                counts[i], digests[i] = 1, -1
+        return cls(counts, digests)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Cache row of each shard's first record: shards are embedded in order."""
+        return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+
+
+def shard_order(num_shards: int, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
+    """The shards (positions in the shard list) a rank reads in an epoch: all shards shuffled by
+    (seed, epoch), then dealt round-robin to ranks. Shards are shuffled, not samples: mix samples
+    when writing them."""
+    order = list(range(num_shards))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order[rank::world_size]
+
+
+class ShardBatches(IterableDataset):
+    """One rank's training batches of one epoch from webdataset shards, from batch `start` on.
+
+    The rank's stream is the kept records (`kept[i]` of shard i; `keep(i)` gives the mask) of its
+    shards in `order`; batch j is records [j * B, (j + 1) * B) of it, a pure function of (seed, epoch,
+    j), so a run resumes exactly at any step. DataLoader worker w builds batches start + w, start + w + W,
+    ...: the loader's round-robin hands them back in order, and a worker opens only the shards its
+    batches touch, reading the headers of the records before its own. A sample's `index` is its cache
+    row. Bad records keep their place and reach the batch's `skipped` list.
     """
 
     def __init__(
         self,
-        urls: str,
+        shards: list[str],
+        index: ShardIndex,
+        order: list[int],
+        kept: np.ndarray,
+        keep: Callable[[int], np.ndarray | None],
+        batch_size: int,
+        start: int,
         transform: Transform,
+        collate: Callable[[list[dict]], dict],
+        min_side: int | None = None,
         image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp"),
         caption_keys: tuple[str, ...] = ("txt", "caption"),
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle_shards: bool = False,
-        seed: int = 0,
-        epoch: int = 0,
-        skip: int = 0,
-        keep: list[np.ndarray] | None = None,
     ):
-        self.shards = expand_urls(urls)
-        missing = [s for s in self.shards if not os.path.isfile(s)]
-        if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} of {len(self.shards)} shards in {urls!r} not found: {missing[:3]}"
-            )
-        if len(self.shards) < world_size:
-            raise ValueError(f"{len(self.shards)} shards in {urls!r} cannot be split over {world_size} ranks")
-        self.transform = transform
-        self.image_keys = image_keys
-        self.caption_keys = caption_keys
-        self.rank = rank
-        self.world_size = world_size
-        self.shuffle_shards = shuffle_shards
-        self.seed = seed
-        self.epoch = epoch
-        self.skip = skip
-        if keep is not None and len(keep) != len(self.shards):
-            raise ValueError(f"keep has {len(keep)} masks for {len(self.shards)} shards")
-        self.keep = keep
+        self.shards, self.index, self.order, self.kept, self.keep = shards, index, order, kept, keep
+        self.batch_size, self.start = batch_size, start
+        self.num_batches = int(kept[order].sum()) // batch_size
+        self.transform, self.collate, self.min_side = transform, collate, min_side
+        self.image_keys, self.caption_keys = image_keys, caption_keys
 
-    def _rank_order(self) -> list[int]:
-        """Positions in `self.shards` of this rank's shards, in the order of this (seed, epoch)."""
-        order = list(range(len(self.shards)))
-        if self.shuffle_shards:
-            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
-        return order[self.rank :: self.world_size]
+    def __len__(self) -> int:
+        return max(0, self.num_batches - self.start)
 
-    def rank_shards(self) -> list[str]:
-        """This rank's shards, in the order of this (seed, epoch)."""
-        return [self.shards[i] for i in self._rank_order()]
+    def _owned(self, batch: int, worker: int, workers: int) -> bool:
+        return self.start <= batch < self.num_batches and (batch - self.start) % workers == worker
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        to_skip = max(0, -(-(self.skip - worker) // workers))  # own records whose index is below self.skip
-        wanted = set(self.image_keys) | set(self.caption_keys)
-        position = 0
-        for i in self._rank_order()[worker::workers]:
-            keep = None if self.keep is None else self.keep[i]
-            for record in _read_shard(self.shards[i], max(0, to_skip - position), wanted, keep):
-                if position >= to_skip:
-                    yield self._to_sample(record, position * workers + worker)
-                position += 1
+        size, wanted = self.batch_size, set(self.image_keys) | set(self.caption_keys)
+        offsets = self.index.offsets
+        first, samples = 0, []  # rank-stream position of the shard's first kept record
+        for i in self.order:
+            end = first + int(self.kept[i])
+            batch = max(first // size, self.start)
+            batch += (worker - (batch - self.start)) % workers  # this worker's first batch from there on
+            if batch >= self.num_batches or batch * size >= end:
+                first = end
+                if first >= self.num_batches * size:
+                    return
+                continue
+
+            def read(k: int, first: int = first) -> bool:
+                return self._owned((first + k) // size, worker, workers)
+
+            digest = int(self.index.digests[i])
+            for record, raw in _read_shard(self.shards[i], wanted, self.keep(i), read, digest):
+                if raw is not None:
+                    samples.append(self._to_sample(raw, int(offsets[i]) + record))
+                    if len(samples) == size:
+                        yield self.collate(samples)
+                        samples = []
+            first = end
 
     def _to_sample(self, record: dict, index: int) -> dict:
         if "bad" in record:
@@ -235,10 +272,14 @@ class WebDatasetPairs(IterableDataset):
             }
         try:
             text = check_caption(record[caption_ext], name=key)
-            image = decode_image(record[image_ext], name=key)
+            image = decode_image(record[image_ext], name=key, min_side=self.min_side)
         except BadSample as e:
             return {"bad": e.reason, "id": key, "index": index}
         return {"image": self.transform(image), "text": text, "index": index, "id": key}
+
+
+class ShardChangedError(RuntimeError):
+    """A shard whose keys differ from the ones `embed` read: its records no longer match the cache."""
 
 
 _TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
@@ -247,14 +288,20 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
 def _read_shard(
-    path: str, skip: int, wanted: set[str], keep: np.ndarray | None = None
-) -> Iterator[dict | None]:
-    """One shard's samples as `{"__key__": key, ext: bytes}` (only `wanted` extensions are read).
+    path: str,
+    wanted: set[str],
+    keep: np.ndarray | None = None,
+    read: Callable[[int], bool] | None = None,
+    digest: int | None = None,
+) -> Iterator[tuple[int, dict | None]]:
+    """One shard's kept records as (record number, `{"__key__": key, ext: bytes}`), only `wanted`
+    extensions read.
 
-    Records whose `keep` entry is False are left out. Of the rest, the first `skip` come out as None,
-    from the headers alone. A shard that cannot be opened yields one `unreadable_shard` record; a shard
-    cut short ends with a `truncated_shard` record in place of its last sample, which may have lost
-    members past the cut.
+    Records whose `keep` entry is False are left out. The k-th kept record is read only if `read(k)`
+    (default: all), else it comes out as None, from its header alone. A shard that cannot be opened is
+    one `unreadable_shard` record; a shard cut short ends with a `truncated_shard` record in place of
+    its last sample, which may have lost members past the cut. `digest` (from the `ShardIndex`) is
+    checked against the shard's keys before any record is read.
     """
 
     def kept(record: int) -> bool:
@@ -263,24 +310,37 @@ def _read_shard(
     try:
         tar = tarfile.open(path)
     except _TAR_ERRORS:
-        if kept(0):
-            yield {"bad": "unreadable_shard", "id": path}
+        if digest not in (None, -1):
+            raise ShardChangedError(f"shard {path} cannot be opened now; rerun `clipdistill embed`") from None
+        if kept(0) and (read is None or read(0)):
+            yield 0, {"bad": "unreadable_shard", "id": path}
+        elif kept(0):
+            yield 0, None
         return
     with tar:
         groups, complete = _group_by_key(tar)
-        for key, members in (group for i, group in enumerate(groups) if kept(i)):
-            if skip > 0:
-                skip -= 1
-                yield None
+        if digest is not None and keys_digest([key for key, _ in groups]) != digest:
+            raise ShardChangedError(
+                f"shard {path} changed since `clipdistill embed` read it (other keys): its samples no "
+                "longer match the teacher cache; rerun embed"
+            )
+        position = 0
+        for record, (key, members) in enumerate(groups):
+            if not kept(record):
+                continue
+            position += 1
+            if read is not None and not read(position - 1):
+                yield record, None
                 continue
             try:
                 data = {ext: tar.extractfile(m).read() for ext, m in members.items() if ext in wanted}
             except _TAR_ERRORS:
-                yield {"bad": "unreadable", "id": key}
+                yield record, {"bad": "unreadable", "id": key}
                 continue
-            yield {"__key__": key, **data}
+            yield record, {"__key__": key, **data}
         if not complete and kept(len(groups)):
-            yield {"bad": "truncated_shard", "id": path}
+            cut = {"bad": "truncated_shard", "id": path}
+            yield len(groups), (cut if read is None or read(position) else None)
 
 
 def _group_by_key(tar: tarfile.TarFile) -> tuple[list[tuple[str, dict[str, tarfile.TarInfo]]], bool]:
@@ -304,15 +364,3 @@ def _group_by_key(tar: tarfile.TarFile) -> tuple[list[tuple[str, dict[str, tarfi
     if not complete and groups:
         groups.pop()
     return groups, complete
-
-
-def count_shard_samples(path: str) -> int:
-    """Records in one tar shard's stream (`_read_shard`), from its headers: one per sample, plus the bad
-    record that stands for a cut shard's last sample, or for a whole unreadable shard. Counting that one
-    too keeps stream positions and cache rows aligned past a bad shard."""
-    try:
-        with tarfile.open(path) as tar:
-            groups, complete = _group_by_key(tar)
-            return len(groups) + (not complete)
-    except _TAR_ERRORS:
-        return 1

@@ -9,6 +9,7 @@ Every source yields dicts with `image` (normalised float [B, 3, S, S]), `text` (
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from clipdistill import distributed
 from clipdistill.config import DataConfig
 from clipdistill.data.lab import LabSplit, load_lab, to_pixels
 from clipdistill.models.factory import Preprocess
@@ -81,7 +83,7 @@ class DatasetPairs:
     def batches(self, index_lists: Iterable[np.ndarray]) -> Iterator[dict]:
         loader = DataLoader(
             self.dataset,
-            batch_sampler=[list(map(int, rows)) for rows in index_lists],
+            batch_sampler=(list(map(int, rows)) for rows in index_lists),  # lazily: the run's list is long
             collate_fn=self._collate,
             num_workers=self.num_workers,
             persistent_workers=False,
@@ -101,6 +103,7 @@ class TablePairs(DatasetPairs):
             image_key=cfg.image_key,
             caption_key=cfg.caption_key,
             id_key=cfg.id_key or None,
+            min_side=preprocess.image_size,
         )
         super().__init__(dataset, tokenizer, cfg.num_workers)
 
@@ -116,20 +119,52 @@ class PaperPairs(DatasetPairs):
 
 
 class ShardPairs:
-    """WebDataset tar shards. `embed` streams them in order (stream position = cache row); `train`
-    streams them shard-shuffled per epoch and finds each sample's cache row by its key."""
+    """WebDataset tar shards. `embed` reads them in order (stream position = cache row) and saves their
+    `ShardIndex` with the cache; `train` streams them shard-shuffled per epoch (`ShardBatches`), with
+    every sample's cache row known from that index, so it reads no tar before its first batch."""
 
     def __init__(self, cfg: DataConfig, tokenizer: Callable, preprocess: Preprocess):
-        from clipdistill.data.pairs import count_shard_samples, expand_urls
+        from clipdistill.data.pairs import expand_urls
 
         self.urls = cfg.path
+        self.shards = expand_urls(cfg.path)
+        missing = [s for s in self.shards if not os.path.isfile(s)]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(self.shards)} shards in {cfg.path!r} not found: {missing[:3]}"
+            )
         self.transform = pil_transform(preprocess)
+        self.min_side = preprocess.image_size
         self.tokenizer = tokenizer
         self.num_workers = cfg.num_workers
-        self._counts = [count_shard_samples(url) for url in expand_urls(cfg.path)]
+        self._index = None
+
+    @property
+    def index(self):
+        """The shards' `ShardIndex`: the cache's manifest when `use_index` gave it, else read from the
+        headers (every rank reads its share when running under torchrun)."""
+        from clipdistill.data.pairs import ShardIndex
+
+        if self._index is None:
+            rank, world = distributed.rank(), distributed.world_size()
+            mine = ShardIndex.scan(self.shards[rank::world])
+            parts = distributed.all_gather_objects(mine)
+            counts, digests = np.empty(len(self.shards), np.int64), np.empty(len(self.shards), np.int64)
+            for r, part in enumerate(parts):
+                counts[r::world], digests[r::world] = part.counts, part.digests
+            self._index = ShardIndex(counts, digests)
+        return self._index
+
+    def use_index(self, index) -> None:
+        if len(index.counts) != len(self.shards):
+            raise ValueError(
+                f"the cache's manifest lists {len(index.counts)} shards but {self.urls!r} has "
+                f"{len(self.shards)}: rerun `clipdistill embed`"
+            )
+        self._index = index
 
     def __len__(self) -> int:
-        return sum(self._counts)
+        return int(self.index.counts.sum())
 
     def _collate(self, samples: list[dict]) -> dict:
         from clipdistill.data.pairs import collate_pairs
@@ -139,8 +174,8 @@ class ShardPairs:
         return batch
 
     def batches(self, index_lists: Iterable[np.ndarray]) -> Iterator[dict]:
-        """Consecutive rows only (what `embed` asks for): one ordered stream, no workers."""
-        from clipdistill.data.pairs import WebDatasetPairs
+        """Consecutive rows only (what `embed` asks for): read in order from the shard holding the first."""
+        from clipdistill.data.pairs import ShardBatches
 
         lists = [np.asarray(rows) for rows in index_lists]
         if not lists:
@@ -148,7 +183,15 @@ class ShardPairs:
         flat = np.concatenate(lists)
         if not np.array_equal(flat, np.arange(flat[0], flat[0] + len(flat))):
             raise ValueError("WebDataset shards are read in order: ask for consecutive rows")
-        stream = iter(WebDatasetPairs(self.urls, self.transform, skip=int(flat[0])))
+        offsets = self.index.offsets
+        first = int(np.searchsorted(offsets, flat[0], side="right")) - 1
+        last = int(np.searchsorted(offsets, flat[-1], side="right"))
+        order = list(range(first, last))
+        records = ShardBatches(
+            self.shards, self.index, order, self.index.counts, lambda i: None, 1,
+            int(flat[0] - offsets[first]), self.transform, lambda samples: samples[0], self.min_side,
+        )  # fmt: skip
+        stream = iter(records)
         for rows in lists:  # a stream shorter than counted (a cut shard) leaves its rows invalid
             samples = list(itertools.islice(stream, len(rows)))
             if samples:
@@ -161,47 +204,86 @@ class ShardPairs:
         rank: int,
         world_size: int,
         start_step: int,
-        pool: np.ndarray | None = None,
+        cache=None,
+        subset: np.ndarray | None = None,
     ) -> Iterator[dict]:
-        """Training batches: shards shuffled per epoch, split across ranks; resumes by skipping samples.
+        """Training batches from step `start_step` on: shards shuffled per epoch and dealt to ranks
+        (`shard_order`), batches cut from each rank's stream, exactly resumable at any step.
 
-        `pool` (the training pool: stream rows, which are cache rows) keeps only those samples, so a
-        subset or the cache's bad samples are dropped before decoding; None streams every sample.
+        With the teacher `cache` of these shards, its manifest replaces reading the tar headers and
+        only the rows it holds as valid are read; `subset` (sorted rows; None: all) narrows them.
         """
-        from clipdistill.data.pairs import WebDatasetPairs
+        valid, valid_counts = None, None
+        if cache is not None:
+            manifest = cache.manifest()
+            if manifest is not None:
+                self.use_index(manifest[0])
+                valid_counts = manifest[1]
+            valid = cache.valid
+        if len(self.shards) < world_size:
+            raise ValueError(
+                f"{len(self.shards)} shards in {self.urls!r} cannot be split over {world_size} ranks"
+            )
+        keep = KeptRows(self.index.offsets, self.index.counts, valid, subset)
+        kept = keep.counts(valid_counts)
+        self.pool_size = int(kept.sum())
+        return self._epochs(local_batch, seed, rank, world_size, start_step, keep, kept)
 
-        keep = None
-        if pool is not None and len(pool) < len(self):
-            mask = np.zeros(len(self), dtype=bool)
-            mask[pool] = True
-            keep = np.split(mask, np.cumsum(self._counts)[:-1])
-        epoch, skip = 0, start_step * local_batch
+    def _epochs(self, local_batch, seed, rank, world_size, start_step, keep, kept) -> Iterator[dict]:
+        from clipdistill.data.pairs import ShardBatches, shard_order
+
+        epoch, start = 0, start_step
         while True:
-            dataset = WebDatasetPairs(
-                self.urls,
-                self.transform,
-                rank=rank,
-                world_size=world_size,
-                shuffle_shards=True,
-                seed=seed,
-                epoch=epoch,
-                skip=skip,
-                keep=keep,
-            )
-            loader = DataLoader(
-                dataset,
-                batch_size=local_batch,
-                collate_fn=self._collate,
-                num_workers=self.num_workers,
-                drop_last=True,
-            )
-            produced = 0
-            for batch in loader:
-                produced += 1
-                yield batch
-            if produced == 0 and skip == 0:
-                raise ValueError(f"no full batch of {local_batch} samples in {self.urls} for rank {rank}")
-            epoch, skip = epoch + 1, 0
+            order = shard_order(len(self.shards), seed, epoch, rank, world_size)
+            per_epoch = int(kept[order].sum()) // local_batch
+            if per_epoch == 0:
+                raise ValueError(
+                    f"no full batch of {local_batch} samples in {self.urls} for rank {rank} in epoch {epoch}"
+                )
+            if start >= per_epoch:
+                epoch, start = epoch + 1, start - per_epoch
+                continue
+            dataset = ShardBatches(
+                self.shards, self.index, order, kept, keep, local_batch, start,
+                self.transform, self._collate, self.min_side,
+            )  # fmt: skip
+            loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
+            yield from loader
+            epoch, start = epoch + 1, 0
+
+
+class KeptRows:
+    """Which records of each shard training reads: valid ones (per the cache) within the subset, as
+    one mask per shard, computed when the shard is opened."""
+
+    def __init__(
+        self, offsets: np.ndarray, counts: np.ndarray, valid: np.ndarray | None, subset: np.ndarray | None
+    ):
+        self.offsets, self.sizes, self.valid, self.subset = offsets, counts, valid, subset
+
+    def __call__(self, shard: int) -> np.ndarray | None:
+        if self.valid is None and self.subset is None:
+            return None
+        start, stop = int(self.offsets[shard]), int(self.offsets[shard] + self.sizes[shard])
+        mask = np.ones(stop - start, dtype=bool) if self.valid is None else np.asarray(self.valid[start:stop])
+        if self.subset is not None:
+            lo, hi = np.searchsorted(self.subset, [start, stop])
+            chosen = np.zeros(stop - start, dtype=bool)
+            chosen[self.subset[lo:hi] - start] = True
+            mask = mask & chosen
+        return mask
+
+    def counts(self, valid_counts: np.ndarray | None) -> np.ndarray:
+        """Kept records per shard."""
+        if self.subset is None:
+            if self.valid is None:
+                return self.sizes
+            if valid_counts is not None:
+                return valid_counts
+            return np.add.reduceat(np.asarray(self.valid, dtype=np.int64), self.offsets)
+        rows = self.subset if self.valid is None else self.subset[np.asarray(self.valid)[self.subset]]
+        bounds = np.append(self.offsets, self.offsets[-1] + self.sizes[-1])
+        return np.diff(np.searchsorted(rows, bounds)).astype(np.int64)
 
 
 def make_pair_source(cfg: DataConfig, tokenizer: Callable, preprocess: Preprocess, split: str = "train"):
@@ -218,37 +300,3 @@ def make_pair_source(cfg: DataConfig, tokenizer: Callable, preprocess: Preproces
         f"unknown data.kind {cfg.kind!r} for pairs; use lab, csv (csv/tsv/parquet), webdataset or paper "
         "(folder, a labelled folder tree, is read by eval only)"
     )
-
-
-class StepSampler:
-    """Which samples step `s` sees, as a pure function of (seed, s).
-
-    Each epoch is a seeded permutation of the pool; step s takes the s-th global batch of it and
-    this rank takes its contiguous slice. Resuming needs only the step number, and N ranks see
-    exactly the global batch one process would.
-    """
-
-    def __init__(self, pool: np.ndarray, global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
-        if global_batch % world_size:
-            raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
-        if len(pool) < global_batch:
-            raise ValueError(f"only {len(pool)} training samples for a global batch of {global_batch}")
-        self.pool = np.asarray(pool, dtype=np.int64)
-        self.global_batch = global_batch
-        self.local_batch = global_batch // world_size
-        self.seed, self.rank = seed, rank
-        self.steps_per_epoch = len(self.pool) // global_batch
-        self._epoch, self._perm = -1, None
-
-    def indices(self, step: int) -> np.ndarray:
-        epoch, position = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.pool))
-        rows = self._perm[position * self.global_batch : (position + 1) * self.global_batch]
-        start = self.rank * self.local_batch
-        return self.pool[rows[start : start + self.local_batch]]
-
-    def schedule(self, start: int, stop: int) -> Iterator[np.ndarray]:
-        for step in range(start, stop):
-            yield self.indices(step)

@@ -1,0 +1,85 @@
+"""JPEG decode + transform to 224 px, full-size decode against reduced-size (draft) decode, side by side.
+
+    python -m benchmarks.decode [--side 512]
+
+Both paths turn the same photo-like JPEGs (`benchmarks.real.photo_jpegs`, quality 90) into
+normalised 224-px tensors with the training transform (`pil_transform`: bicubic resize, centre
+crop, to tensor, normalise); the only difference is `decode_image(..., min_side=224)`, which
+decodes each JPEG at 1/2 (from 448 px), 1/4 (from 896 px) or 1/8 size in the DCT domain. One
+process, one thread (as a DataLoader worker runs), the two paths alternated over several repeats;
+the rate is images per CPU second of the process (best repeat), which the machine's other load
+changes less than wall time. Also reports the pixel difference between the two outputs.
+Results: benchmarks/results/decode_<side>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from benchmarks.real import photo_jpegs
+
+from clipdistill.data.images import decode_image
+from clipdistill.data.sources import pil_transform
+from clipdistill.models.factory import Preprocess
+
+PREPROCESS = Preprocess(224, (0.481, 0.458, 0.408), (0.269, 0.261, 0.276))  # CLIP's mean and std
+
+
+def cpu_seconds(images: list[bytes], min_side: int | None) -> float:
+    transform = pil_transform(PREPROCESS)
+    start = time.process_time()
+    for data in images:
+        transform(decode_image(data, min_side=min_side))
+    return time.process_time() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--side", type=int, default=512, help="side of the source JPEGs")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    images = photo_jpegs(args.images, side=args.side)
+    seconds: dict[str, list[float]] = {"full decode": [], "reduced-size decode": []}
+    for _ in range(args.repeats):
+        seconds["full decode"].append(cpu_seconds(images, None))
+        seconds["reduced-size decode"].append(cpu_seconds(images, 224))
+    rates = {name: round(len(images) / min(values), 1) for name, values in seconds.items()}
+    scale = torch.tensor(PREPROCESS.std).view(3, 1, 1)  # back to [0, 1] pixel units
+    transform = pil_transform(PREPROCESS)
+    diffs = np.concatenate(
+        [
+            ((transform(decode_image(d)) - transform(decode_image(d, min_side=224))) * scale)
+            .abs()
+            .numpy()
+            .ravel()
+            for d in images[:50]
+        ]
+    )
+    report = {
+        "command": f"python -m benchmarks.decode --images {args.images} --repeats {args.repeats} "
+        f"--side {args.side}",
+        "images": f"{args.images} photo-like {args.side}-px JPEGs (quality 90) -> 224 px tensors, 1 thread",
+        "images_per_cpu_second": rates,
+        "speedup": round(rates["reduced-size decode"] / rates["full decode"], 2),
+        "difference_0_255": {
+            "mean": round(float(diffs.mean()) * 255, 2),
+            "p99": round(float(np.quantile(diffs, 0.99)) * 255, 2),
+            "max": round(float(diffs.max()) * 255, 2),
+        },
+    }
+    out = Path(args.out or f"benchmarks/results/decode_{args.side}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
