@@ -30,3 +30,18 @@ def test_unknown_kind_is_refused():
     loaded = create_model(ModelConfig(name="lab-student-tiny"))
     with pytest.raises(ValueError, match="unknown data.kind 'hdf5'"):
         make_pair_source(DataConfig(kind="hdf5"), loaded.tokenizer, loaded.preprocess)
+
+
+def test_one_pass_normalised_tensor_equals_torchvision_to_tensor_then_normalize():
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from clipdistill.data.sources import ToNormalizedTensor
+
+    mean, std = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    for image in (Image.fromarray(pixels), Image.fromarray(pixels[..., 0])):  # RGB and grayscale
+        expected = T.Normalize(mean, std)(T.ToTensor()(image.convert("RGB")))
+        out = ToNormalizedTensor(mean, std)(image)
+        assert out.shape == (3, 20, 30) and out.dtype == torch.float32 and out.is_contiguous()
+        assert torch.allclose(out, expected, atol=1e-5)
