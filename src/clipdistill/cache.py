@@ -28,6 +28,7 @@ from tqdm import tqdm
 from clipdistill import distributed
 from clipdistill.checkpoint import atomic_write, read_json, save_npy, write_json
 from clipdistill.data.pairs import ShardIndex
+from clipdistill.runs import sweep_temps
 
 
 class CacheMismatchError(RuntimeError):
@@ -204,8 +205,7 @@ def build_cache(
     elif rank == 0:
         write_json(meta_path, meta.__dict__)
     if rank == 0:
-        for stale in folder.glob(".*.tmp"):  # half-written files of a killed run (see atomic_path)
-            stale.unlink()
+        sweep_temps(folder)  # half-written files of a killed run (see atomic_path)
     distributed.barrier()
     mine = range(rank, meta.num_shards, world)
     todo = [s for s in mine if not (folder / f"shard_{s:05d}.json").is_file()]

@@ -30,6 +30,7 @@ from clipdistill.models.factory import (
     create_teacher,
 )
 from clipdistill.models.heads import ComkdHead, load_head
+from clipdistill.runs import model_dir
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TEMPLATE = "a photo of a {}."
@@ -208,12 +209,12 @@ def load_backend(model: str, backend: str, config: str | None, run_dir: str | No
         return TorchBackend(create_teacher(ModelConfig(name=f"local-dir:{path}")))
     cfg = load_config(config, ["--run_dir", run_dir] if run_dir else [])
     if backend == "onnx":
-        folder = Path(cfg.run_dir) / model / "export" / "onnx"
+        folder = model_dir(cfg, model) / "export" / "onnx"
         if not (folder / "preprocess.json").is_file():
             from clipdistill.export import export_onnx, refuse_prompted_student
 
-            head = load_head(Path(cfg.run_dir) / model) if model != "teacher" else None
-            refuse_prompted_student(Path(cfg.run_dir) / model, head)
+            head = load_head(model_dir(cfg, model)) if model != "teacher" else None
+            refuse_prompted_student(model_dir(cfg, model), head)
             export_onnx(load_trained(cfg, model), folder, head)
         return OnnxBackend(folder)
     scorer = TrainedClassifier(cfg, model)

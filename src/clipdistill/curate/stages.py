@@ -26,7 +26,7 @@ from clipdistill.curate.balance import (
 )
 from clipdistill.curate.cluster import concat_image_text, kmeans_centroids
 from clipdistill.distributed import init_distributed
-from clipdistill.runs import cache_dir
+from clipdistill.runs import cache_dir, model_dir, run_path, sweep_temps
 
 
 class CacheView:
@@ -59,12 +59,6 @@ def _cache(cfg: RunConfig) -> TeacherCache:
     return cache
 
 
-def _clear_stale_tmp(folder: Path) -> None:
-    """Half-written files of a killed run (see `atomic_path`): they are never read, but are garbage."""
-    for stale in folder.glob(".*.tmp"):
-        stale.unlink()
-
-
 def _reusable(folder: Path, key: str) -> dict | None:
     """The stored report when the stage already ran with these settings."""
     report = folder / "report.json"
@@ -77,8 +71,8 @@ def run_balance(cfg: RunConfig) -> dict:
     """Perceptual then semantic dedup of the cache's image embeddings -> `<run_dir>/balance/`."""
     bc = cfg.balance
     cache = _cache(cfg)
-    folder = Path(cfg.run_dir) / "balance"
-    _clear_stale_tmp(folder)
+    folder = model_dir(cfg, "balance")
+    sweep_temps(folder)
     key = fingerprint({"balance": to_dict(bc), "cache": cache.meta.fingerprint})
     if (done := _reusable(folder, key)) is not None:
         return done
@@ -122,8 +116,7 @@ def _subset_mask(cfg: RunConfig, cache: TeacherCache) -> tuple[np.ndarray, str]:
     mask = cache.valid.copy()
     if not cfg.cluster.subset:
         return mask, ""
-    path = Path(cfg.cluster.subset)
-    path = path if path.is_absolute() else Path(cfg.run_dir) / path
+    path = run_path(cfg, cfg.cluster.subset)
     if not path.is_file():
         raise ConfigError(f"cluster.subset {path} does not exist (run `clipdistill balance` first)")
     ids = np.load(path, allow_pickle=False)
@@ -137,8 +130,8 @@ def run_cluster(cfg: RunConfig) -> dict:
     is_main = init_distributed(torch.device("cpu")).is_main
     cc = cfg.cluster
     cache = _cache(cfg)
-    folder = Path(cfg.run_dir) / cfg.cid.clusters
-    _clear_stale_tmp(folder)
+    folder = model_dir(cfg, cfg.cid.clusters)
+    sweep_temps(folder)
     mask, subset_hash = _subset_mask(cfg, cache)
     key = fingerprint({"cluster": to_dict(cc), "cache": cache.meta.fingerprint, "subset": subset_hash})
     if (done := _reusable(folder, key)) is not None:

@@ -34,7 +34,7 @@ from clipdistill.evaluate.linear_probe import linear_probe
 from clipdistill.evaluate.protocols import harmonic_mean
 from clipdistill.evaluate.zeroshot import zeroshot_accuracy
 from clipdistill.models.classifier import TrainedClassifier
-from clipdistill.runs import sweep_temps
+from clipdistill.runs import model_dir, model_name, sweep_temps
 
 METRICS = {"base_to_novel": ("base_acc", "novel_acc", "hm"), "linear_probe": ("linear_probe_top1",)}
 DEFAULT_METRICS = ("top1",)
@@ -184,18 +184,18 @@ def run_suite(cfg: RunConfig) -> dict:
         raise ConfigError(f"eval.suite must be one of {sorted(paper.SUITES)}, not {ec.suite!r}")
     if not ec.suite_root:
         raise ConfigError("eval.suite needs eval.suite_root: the folder that holds the datasets' folders")
-    model = ec.model or cfg.train.name or cfg.train.method
+    model = model_name(cfg, ec.model)
     names = list(paper.SUITES[ec.suite])
     per_dataset = "{dataset}" in model
     models = {n: model.replace("{dataset}", n) for n in names}
     missing = [
-        str(Path(cfg.run_dir) / m / "model.safetensors")
+        str(model_dir(cfg, m) / "model.safetensors")
         for m in dict.fromkeys(models.values())
-        if m != "teacher" and not (Path(cfg.run_dir) / m / "model.safetensors").is_file()
+        if m != "teacher" and not (model_dir(cfg, m) / "model.safetensors").is_file()
     ]
     if missing:
         raise ConfigError(f"eval suite {ec.suite}: no trained model at " + ", ".join(missing))
-    folder = Path(cfg.run_dir) if per_dataset else Path(cfg.run_dir) / model
+    folder = Path(cfg.run_dir) if per_dataset else model_dir(cfg, model)
     sweep_temps(folder, f".suite_{ec.suite}.*.tmp")  # half-written files of a killed run
     opened = open_datasets(ec.suite, names, ec.suite_root)
     device = resolve_device(ec.device)

@@ -25,7 +25,7 @@ from clipdistill.config import ConfigError, RunConfig, config_from_dict
 from clipdistill.models.factory import LoadedModel, count_parameters, create_teacher
 from clipdistill.models.heads import SPLIT, TEXT_BANK, ComkdHead, load_head
 from clipdistill.models.prompts import attach_visual_prompts
-from clipdistill.runs import model_dir
+from clipdistill.runs import find_run, model_dir
 
 
 def load_trained(cfg: RunConfig, name: str) -> LoadedModel:
@@ -162,9 +162,8 @@ def zeroshot_classifier(
 def _stage1_folder(student_folder: Path) -> Path:
     """The prompt-tuned teacher a ComKD student was distilled from (a multi-seed lab: the same seed's)."""
     trained = config_from_dict(yaml.safe_load((student_folder / "config.yaml").read_text()))
-    configured = Path(trained.run_dir) / trained.comkd.prompt_teacher
-    seeded = Path(f"{configured}_seed{trained.train.seed}")
-    return seeded if (seeded / SPLIT).is_file() and not (configured / SPLIT).is_file() else configured
+    name = trained.comkd.prompt_teacher
+    return find_run(trained, name, SPLIT) or model_dir(trained, name)
 
 
 def _bank_names(folder: Path) -> list[str] | None:
