@@ -112,3 +112,16 @@ def test_cli_predict_table_and_json(run, images, tmp_path):
     result = json.loads(done.stdout)
     assert len(result["predictions"]) == 5 and len(result["skipped"]) == 2
     assert (Path(run.run_dir) / "student" / "export" / "onnx" / "image_encoder.onnx").is_file()
+
+
+def test_nothing_readable_is_refused(run, images, tmp_path):
+    backend = TorchBackend(load_trained(run, "student"))
+    bad = [images / "broken.png", images / "empty.jpg", tmp_path / "gone.jpg"]
+    with pytest.raises(ValueError, match="none of the 3 image file"):
+        predict(backend, bad, LABELS)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image file found"):
+        predict(backend, expand_images([str(tmp_path / "empty")]), LABELS)
+    with pytest.raises(ValueError, match="no image file found"):
+        embed_images(backend, tmp_path / "empty", tmp_path / "out" / "emb")
+    assert not (tmp_path / "out" / "emb.npy").exists()

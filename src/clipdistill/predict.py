@@ -137,6 +137,13 @@ def pixel_batches(
             yield good, torch.stack(pixels).numpy().astype(np.float32)
 
 
+def nothing_read(files: list[Path], skipped: list[dict]) -> str:
+    """Why not one image was read: none was found, or each one was unreadable (the first reason)."""
+    if not files:
+        return f"no image file found (files ending in {', '.join(sorted(IMAGE_SUFFIXES))})"
+    return f"none of the {len(files)} image file(s) could be read, e.g. {skipped[0]['message']}"
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
@@ -173,6 +180,8 @@ def predict(backend, files: list[Path], labels: list[str], batch_size: int = 64)
             rows.append(
                 {"image": str(path), "label": labels[best], "prob": round(float(p[best]), 6), "probs": probs}
             )
+    if not rows:
+        raise ValueError(nothing_read(files, skipped))
     return {"predictions": rows, "skipped": skipped} | ({"note": note} if note else {})
 
 
@@ -186,7 +195,9 @@ def embed_images(backend, folder: str | Path, out: str | Path, batch_size: int =
     for paths, pixels in pixel_batches(files, backend.preprocess, batch_size, skipped):
         feats.append(backend.images(pixels).astype(np.float32))
         ids += [str(p.relative_to(folder)) for p in paths]
-    array = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
+    if not feats:
+        raise ValueError(f"{folder}: {nothing_read(files, skipped)}")
+    array = np.concatenate(feats)
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:
