@@ -210,6 +210,17 @@ def test_bad_tables_are_one_clear_line(tmp_path, data):
     fails(r"column 'split' holds \['later'\]; use train, val and test", tmp_path / "split.csv")
 
 
+def test_a_refused_eval_keeps_the_previous_results(tmp_path, data, teacher_dir):
+    teacher = ["--eval.model", "teacher", "--teacher.name", f"local-dir:{teacher_dir}"]
+    metrics = run_eval(load_config(None, _args(tmp_path, data, *teacher)))
+    with pytest.raises(ConfigError, match="no column 'klass'"):
+        run_eval(load_config(None, _args(tmp_path, data, *teacher, "--data.label_key", "klass")))
+    assert read_json(tmp_path / "teacher" / "eval.json") == metrics
+    with pytest.raises(ConfigError, match="no trained model"):
+        run_eval(load_config(None, _args(tmp_path, data, "--eval.model", "typo")))
+    assert not (tmp_path / "typo").exists()
+
+
 def test_paths_from_the_working_folder_are_explained(tmp_path, data, monkeypatch, teacher_dir):
     monkeypatch.chdir(data.parent.parent)
     moved = pd.read_csv(data)
