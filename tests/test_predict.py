@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipdistill.config import ConfigError
 from clipdistill.export import export_onnx
 from clipdistill.models.classifier import load_trained
 from clipdistill.predict import (
@@ -125,3 +126,10 @@ def test_nothing_readable_is_refused(run, images, tmp_path):
     with pytest.raises(ValueError, match="no image file found"):
         embed_images(backend, tmp_path / "empty", tmp_path / "out" / "emb")
     assert not (tmp_path / "out" / "emb.npy").exists()
+
+
+def test_onnx_backend_on_an_open_clip_export_is_refused(tmp_path):
+    (tmp_path / "open_clip").mkdir()
+    (tmp_path / "open_clip" / "open_clip_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is an open_clip export; --backend onnx runs an ONNX export"):
+        load_backend(str(tmp_path / "open_clip"), "onnx", None, None)

@@ -216,6 +216,11 @@ def load_backend(model: str, backend: str, config: str | None, run_dir: str | No
     if (path / "preprocess.json").is_file():
         return OnnxBackend(path)
     if (path / "open_clip_config.json").is_file():  # exactly the folder's weights, or one clear line
+        if backend == "onnx":
+            raise ConfigError(
+                f"{path} is an open_clip export; --backend onnx runs an ONNX export: pass its onnx/ folder "
+                "(clipdistill export --format onnx) or the trained model's name with --run-dir"
+            )
         return TorchBackend(create_teacher(ModelConfig(name=f"local-dir:{path}")))
     cfg = load_config(config, ["--run_dir", run_dir] if run_dir else [])
     if backend == "onnx":
