@@ -84,6 +84,7 @@ def test_bad_overrides_are_one_clear_error(overrides, message):
         ("teacher: lab-teacher\n", "teacher: expected a mapping"),
         ("- a\n- b\n", "expected a mapping at the top level"),
         ("train: [unclosed\n", "is not valid YAML"),
+        ("train:\n  steps: [1\n", "is not valid YAML: expected ',' or ']', but got '<stream end>' (line 3"),
     ],
 )
 def test_bad_files_are_one_clear_error(tmp_path, text, message):
@@ -91,7 +92,7 @@ def test_bad_files_are_one_clear_error(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
-    assert message in str(info.value)
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_missing_file_is_a_config_error(tmp_path):

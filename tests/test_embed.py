@@ -74,6 +74,14 @@ def test_a_few_bad_samples_are_counted_not_fatal(tmp_path, table):
         run_embed(load_config(None, _args(tmp_path / "strict", bad, "--embed.max_skip_fraction", "0.1")))
 
 
+def test_an_empty_table_is_refused_before_a_cache_is_made(tmp_path, table):
+    empty = table.parent / "empty.csv"
+    empty.write_text(table.read_text().splitlines()[0] + "\n")  # the header only
+    with pytest.raises(ValueError, match="empty.csv holds no sample .csv.: nothing to embed"):
+        run_embed(load_config(None, _args(tmp_path / "run", empty)))
+    assert not (tmp_path / "run" / "cache").exists()
+
+
 def test_training_on_nothing_stops_before_a_step(tmp_path, table):
     gone = _rewrite(table, table.parent / "gone.csv", lambda i, r: r.update(filepath=f"nowhere/{i}.png"))
     # no cache: every batch comes out empty

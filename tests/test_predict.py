@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipdistill.config import ConfigError
 from clipdistill.export import export_onnx
 from clipdistill.models.classifier import load_trained
 from clipdistill.predict import (
@@ -112,3 +113,23 @@ def test_cli_predict_table_and_json(run, images, tmp_path):
     result = json.loads(done.stdout)
     assert len(result["predictions"]) == 5 and len(result["skipped"]) == 2
     assert (Path(run.run_dir) / "student" / "export" / "onnx" / "image_encoder.onnx").is_file()
+
+
+def test_nothing_readable_is_refused(run, images, tmp_path):
+    backend = TorchBackend(load_trained(run, "student"))
+    bad = [images / "broken.png", images / "empty.jpg", tmp_path / "gone.jpg"]
+    with pytest.raises(ValueError, match="none of the 3 image file"):
+        predict(backend, bad, LABELS)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image file found"):
+        predict(backend, expand_images([str(tmp_path / "empty")]), LABELS)
+    with pytest.raises(ValueError, match="no image file found"):
+        embed_images(backend, tmp_path / "empty", tmp_path / "out" / "emb")
+    assert not (tmp_path / "out" / "emb.npy").exists()
+
+
+def test_onnx_backend_on_an_open_clip_export_is_refused(tmp_path):
+    (tmp_path / "open_clip").mkdir()
+    (tmp_path / "open_clip" / "open_clip_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is an open_clip export; --backend onnx runs an ONNX export"):
+        load_backend(str(tmp_path / "open_clip"), "onnx", None, None)

@@ -373,6 +373,13 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: the problem and where (its own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or " ".join(str(e).split())
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
 def load_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (or the defaults when `path` is None) and apply CLI overrides."""
     values: dict = {}
@@ -382,7 +389,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> RunConf
         except FileNotFoundError as e:
             raise ConfigError(f"config file {path} does not exist") from e
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from e
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
         values = loaded or {}

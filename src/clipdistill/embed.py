@@ -42,6 +42,8 @@ def run_embed(cfg: RunConfig) -> dict:
     teacher = create_teacher(cfg.teacher, lab_data=cfg.data.kind == "lab")
     teacher.model.to(device)
     source = make_pair_source(cfg.data, teacher.tokenizer, teacher.preprocess)
+    if len(source) == 0:
+        raise ValueError(f"data.path {cfg.data.path} holds no sample ({cfg.data.kind}): nothing to embed")
     width = teacher.model.encode_text(teacher.tokenizer(["x"]).to(device)).shape[-1]
     meta = CacheMeta(
         fingerprint=teacher_fingerprint(

@@ -138,6 +138,13 @@ def pixel_batches(
             yield good, torch.stack(pixels).numpy().astype(np.float32)
 
 
+def nothing_read(files: list[Path], skipped: list[dict]) -> str:
+    """Why not one image was read: none was found, or each one was unreadable (the first reason)."""
+    if not files:
+        return f"no image file found (files ending in {', '.join(sorted(IMAGE_SUFFIXES))})"
+    return f"none of the {len(files)} image file(s) could be read, e.g. {skipped[0]['message']}"
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
@@ -174,6 +181,8 @@ def predict(backend, files: list[Path], labels: list[str], batch_size: int = 64)
             rows.append(
                 {"image": str(path), "label": labels[best], "prob": round(float(p[best]), 6), "probs": probs}
             )
+    if not rows:
+        raise ValueError(nothing_read(files, skipped))
     return {"predictions": rows, "skipped": skipped} | ({"note": note} if note else {})
 
 
@@ -187,7 +196,9 @@ def embed_images(backend, folder: str | Path, out: str | Path, batch_size: int =
     for paths, pixels in pixel_batches(files, backend.preprocess, batch_size, skipped):
         feats.append(backend.images(pixels).astype(np.float32))
         ids += [str(p.relative_to(folder)) for p in paths]
-    array = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
+    if not feats:
+        raise ValueError(f"{folder}: {nothing_read(files, skipped)}")
+    array = np.concatenate(feats)
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -206,6 +217,11 @@ def load_backend(model: str, backend: str, config: str | None, run_dir: str | No
     if (path / "preprocess.json").is_file():
         return OnnxBackend(path)
     if (path / "open_clip_config.json").is_file():  # exactly the folder's weights, or one clear line
+        if backend == "onnx":
+            raise ConfigError(
+                f"{path} is an open_clip export; --backend onnx runs an ONNX export: pass its onnx/ folder "
+                "(clipdistill export --format onnx) or the trained model's name with --run-dir"
+            )
         return TorchBackend(create_teacher(ModelConfig(name=f"local-dir:{path}")))
     cfg = load_config(config, ["--run_dir", run_dir] if run_dir else [])
     if backend == "onnx":

@@ -127,6 +127,22 @@ def test_the_tables_split_column_and_a_folder_tree(tmp_path, teacher_dir):
     assert metrics["test_images"] == 12 and "retrieval_rule" not in metrics
 
 
+def test_class_folders_are_matched_to_the_listed_names_by_name(tmp_path):
+    write_table(tmp_path / "d", per_class=2)
+    listed = ["red circle", "green square", "blue triangle"]  # not the folders' sorted order
+    (tmp_path / "classes.txt").write_text("\n".join(listed))
+    args = ["--data.kind", "folder", "--data.classnames", str(tmp_path / "classes.txt")]
+    data = read_labelled(load_config(None, _args(tmp_path, tmp_path / "d" / "images", *args)))
+    assert data.classnames == listed
+    for file, label in zip(data.files, data.labels, strict=True):
+        assert file.parent.name == listed[label].replace(" ", "_")
+    (tmp_path / "codes.txt").write_text("\n".join(["z", "y", "x"]))  # other names: by sorted folder order
+    args[-1] = str(tmp_path / "codes.txt")
+    data = read_labelled(load_config(None, _args(tmp_path, tmp_path / "d" / "images", *args)))
+    first = [f.parent.name for f, label in zip(data.files, data.labels, strict=True) if label == 0]
+    assert first == ["blue_triangle"] * 2
+
+
 def _save_run(folder, cfg, model):
     folder.mkdir(parents=True, exist_ok=True)
     save_state_dict(model.state_dict(), folder / "model.safetensors")
@@ -192,6 +208,17 @@ def test_bad_tables_are_one_clear_line(tmp_path, data):
     fails("holds class numbers; name the classes with --data.classnames", tmp_path / "numbered.csv")
     pd.read_csv(data).assign(split="later").to_csv(tmp_path / "split.csv", index=False)
     fails(r"column 'split' holds \['later'\]; use train, val and test", tmp_path / "split.csv")
+
+
+def test_a_refused_eval_keeps_the_previous_results(tmp_path, data, teacher_dir):
+    teacher = ["--eval.model", "teacher", "--teacher.name", f"local-dir:{teacher_dir}"]
+    metrics = run_eval(load_config(None, _args(tmp_path, data, *teacher)))
+    with pytest.raises(ConfigError, match="no column 'klass'"):
+        run_eval(load_config(None, _args(tmp_path, data, *teacher, "--data.label_key", "klass")))
+    assert read_json(tmp_path / "teacher" / "eval.json") == metrics
+    with pytest.raises(ConfigError, match="no trained model"):
+        run_eval(load_config(None, _args(tmp_path, data, "--eval.model", "typo")))
+    assert not (tmp_path / "typo").exists()
 
 
 def test_paths_from_the_working_folder_are_explained(tmp_path, data, monkeypatch, teacher_dir):

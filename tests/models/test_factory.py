@@ -115,6 +115,15 @@ def test_pretrained_tag_without_network(monkeypatch):
     assert "network" in message and "--teacher.pretrained" in message and "laion2b_s34b_b79k" in message
 
 
+def test_unknown_pretrained_tag_lists_the_known_tags(monkeypatch):
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: pytest.fail("nothing to download"))
+    with pytest.raises(ModelLoadError) as info:
+        create_model(ModelConfig(name="ViT-B-32", pretrained="laion2b_typo"))
+    message = str(info.value)
+    assert "'laion2b_typo' is not a pretrained tag of open_clip 'ViT-B-32'" in message
+    assert "'laion2b_s34b_b79k'" in message and "network" not in message
+
+
 def test_unknown_model_lists_shipped_configs():
     with pytest.raises(ModelLoadError) as info:
         create_model(ModelConfig(name="lab-studnet"))

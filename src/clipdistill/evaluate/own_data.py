@@ -217,9 +217,13 @@ def _read_folder(root: Path, names: list[str] | None) -> LabelledImages:
         raise ConfigError(
             f"{root}: {len(names)} class names given for {len(classes)} class folders {classes[:8]}"
         )
+    # folders named after the listed classes take their label by name, others by sorted folder order
+    by_name = {name: i for i, name in enumerate(names or [])}
+    named = [by_name.get(c, by_name.get(c.replace("_", " "))) for c in classes]
+    label_of = named if names is not None and None not in named else list(range(len(classes)))
     files, labels, split = [], [], []
     for part, top in tops.items():
-        for label, folder in enumerate(classes):
+        for label, folder in zip(label_of, classes, strict=True):
             found = sorted(p for p in (top / folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
             files += found
             labels += [label] * len(found)

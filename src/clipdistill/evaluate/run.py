@@ -153,9 +153,6 @@ def run_eval(cfg: RunConfig) -> dict:
     folder) and write eval.json, eval.csv and eval.md into its folder."""
     name = model_name(cfg, cfg.eval.model)
     folder = model_dir(cfg, name)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "eval.json").unlink(missing_ok=True)  # the done mark: never paired with a newer eval.csv
-    sweep_temps(folder, ".eval.*.tmp")  # half-written files of a killed eval
     if cfg.data.kind in OWN_DATA_KINDS:
         start = time.time()
         metrics = evaluate_own_data(cfg, name, resolve_device(cfg.eval.device))
@@ -166,6 +163,10 @@ def run_eval(cfg: RunConfig) -> dict:
         where = f"the {cfg.data.kind} test split"
     if metrics.get("note"):
         print(f"clipdistill eval: note: {metrics['note']}", file=sys.stderr)
+    # only now, so that a refused eval leaves the previous results and creates no folder
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "eval.json").unlink(missing_ok=True)  # the done mark: never paired with a newer eval.csv
+    sweep_temps(folder, ".eval.*.tmp")  # half-written files of a killed eval
     atomic_write(folder / "eval.csv", lambda tmp: _write_csv(tmp, {"model": name, **metrics}))
     table = markdown(name, where, metrics)
     atomic_write(folder / "eval.md", lambda tmp: tmp.write_text(table))

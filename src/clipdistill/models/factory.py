@@ -284,6 +284,11 @@ def preprocess_for(config: dict) -> Preprocess:
 
 
 def _load_open_clip_pretrained(name: str, tag: str) -> nn.Module:
+    known = open_clip.list_pretrained_tags_by_model(name)
+    if tag not in known:  # a typo, not a missing download: say so instead of blaming the network
+        raise ModelLoadError(
+            f"{tag!r} is not a pretrained tag of open_clip {name!r} nor a file: its tags are {known}"
+        )
     try:
         return open_clip.create_model(name, pretrained=tag)
     except Exception as e:  # open_clip raises RuntimeError/OSError/HF errors for a missing download
