@@ -54,7 +54,7 @@ def test_paths_relative_to_the_working_folder_are_refused_with_a_hint(tmp_path, 
     err = capsys.readouterr().err
     assert "Traceback" not in err
     (err,) = [line for line in err.splitlines() if line.startswith("clipdistill embed:")]
-    assert "12 of 12 samples were skipped" in err and "12 missing_file" in err
+    assert "all 12 samples were skipped" in err and "12 missing_file" in err
     assert (
         f"relative to the table's folder {tmp_path / 'lists'}; found 0 of 12 there, 12 relative to the" in err
     )
@@ -88,8 +88,9 @@ def test_training_on_nothing_stops_before_a_step(tmp_path, table):
     with pytest.raises(ValueError, match="every sample of the batch was skipped"):
         train(load_config(None, _args(tmp_path / "a", gone)))
     assert not (tmp_path / "a" / "clip" / "checkpoint.pt").exists()
-    # a cache (let through on purpose) in which no sample is valid
-    run_embed(load_config(None, _args(tmp_path / "b", gone, "--embed.max_skip_fraction", "1")))
+    # all skipped is refused whatever the fraction; the cache it leaves has no valid sample
+    with pytest.raises(TooManySkipped, match="all 12 samples were skipped: 12 missing_file"):
+        run_embed(load_config(None, _args(tmp_path / "b", gone, "--embed.max_skip_fraction", "1")))
     with pytest.raises(ConfigError, match="no sample to train on: 0 of 12 samples are valid"):
         train(load_config(None, _args(tmp_path / "b", gone)))
     with pytest.raises(ValueError, match="has no valid sample"):

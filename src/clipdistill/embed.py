@@ -90,20 +90,25 @@ def skip_summary(folder: Path, num_shards: int) -> dict:
 
 
 def check_skipped(report: dict, cfg: RunConfig, source) -> None:
-    """Stop with one line when more than `embed.max_skip_fraction` of the samples were skipped."""
+    """Stop with one line when more than `embed.max_skip_fraction` of the samples were skipped, or
+    all of them whatever the fraction: a cache of nothing is never a success."""
     total, skipped = report["num_samples"], report["skipped_total"]
-    if total and skipped <= cfg.embed.max_skip_fraction * total:
+    if skipped < total and skipped <= cfg.embed.max_skip_fraction * total:
         return
     reasons = ", ".join(
         f"{n} {reason} (e.g. {', '.join(report['skipped_examples'].get(reason, [])[:3])})"
         for reason, n in report["skipped_by_reason"].items()
     )
     hint = relative_path_hint(source) if report["skipped_by_reason"].get("missing_file") else ""
+    if skipped == total:
+        what, remedy = f"all {total} samples were skipped", ""
+    else:
+        limit = cfg.embed.max_skip_fraction
+        what = f"{skipped} of {total} samples were skipped, more than embed.max_skip_fraction {limit}"
+        remedy = ", or raise --embed.max_skip_fraction"
     raise TooManySkipped(
-        f"{skipped} of {total} samples were skipped, more than embed.max_skip_fraction "
-        f"{cfg.embed.max_skip_fraction}: {reasons or 'no sample at all'}. {hint}"
-        f"Fix the data and rerun (delete {cache_dir(cfg)} first: its shards are kept), or raise "
-        "--embed.max_skip_fraction; per-reason ids are in report.json"
+        f"{what}: {reasons or 'no sample at all'}. {hint}Fix the data and rerun (delete {cache_dir(cfg)} "
+        f"first: its shards are kept){remedy}; per-reason ids are in report.json"
     )
 
 
