@@ -30,9 +30,9 @@ from clipdistill.config import ConfigError, load_config, replace  # noqa: E402
 from clipdistill.curate.stages import run_cluster  # noqa: E402
 from clipdistill.data.lab import load_lab  # noqa: E402
 from clipdistill.evaluate.run import image_features, text_features  # noqa: E402
-from clipdistill.evaluate.zeroshot import zeroshot_accuracy, zeroshot_classifier  # noqa: E402
+from clipdistill.evaluate.zeroshot import zeroshot_accuracy  # noqa: E402
 from clipdistill.lab import LAB_CONFIG, evaluated, row_config  # noqa: E402
-from clipdistill.models.classifier import load_trained  # noqa: E402
+from clipdistill.models.classifier import load_trained, zeroshot_classifier  # noqa: E402
 from clipdistill.train import train  # noqa: E402
 
 

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from clipdistill.evaluate.zeroshot import predict_with_classifier, zeroshot_accuracy, zeroshot_classifier
+from clipdistill.evaluate.zeroshot import predict_with_classifier, zeroshot_accuracy
+from clipdistill.models.classifier import zeroshot_classifier
 
 # Deliberately unnormalised: "the dog" is 10x longer than "a dog" and must not dominate its class.
 PROMPT_VECTORS = {

@@ -29,7 +29,6 @@ from clipdistill.models.classifier import TrainedClassifier
 from clipdistill.models.factory import LoadedModel
 from clipdistill.runs import model_dir, model_name, sweep_temps
 
-PROTOCOLS = ("standard", "base_to_novel", "domain", "all")
 OWN_DATA_KINDS = ("csv", "folder")
 
 

@@ -7,8 +7,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from clipdistill.models.classifier import zeroshot_classifier  # noqa: F401  (built with the model's classifier)
-
 
 def predict_with_classifier(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     """Cosine logits [N, C]; image features are normalised here so callers can pass raw encoder output."""
