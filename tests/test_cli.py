@@ -25,3 +25,22 @@ def test_a_stage_error_is_one_line_and_debug_raises_it(tmp_path, capsys):
     assert "model.safetensors" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         main([*args, "--debug"])
+
+
+def test_usage_names_every_stage_including_the_path_commands(capsys):
+    with pytest.raises(SystemExit):
+        main([])
+    usage = capsys.readouterr().err
+    for stage in (
+        "embed",
+        "balance",
+        "cluster",
+        "train",
+        "eval",
+        "export",
+        "demo",
+        "bench",
+        "predict",
+        "embed-images",
+    ):
+        assert stage in usage

@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return predict_main(argv)
     parser = argparse.ArgumentParser(
         prog="clipdistill",
+        usage="clipdistill {embed,balance,cluster,train,eval,export,demo,bench} [--config FILE] "
+        "[--section.key VALUE ...]\n       clipdistill {predict,embed-images} PATH [PATH ...] [options]",
         description="Distil a CLIP teacher into a small student. Every option of the config file can be "
         "overridden as --section.key value (e.g. --train.steps 200 --student.name lab-student).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
