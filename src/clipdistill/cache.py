@@ -7,6 +7,10 @@ Layout of a cache folder:
     valid.npy              bool [rows], every shard's validity in one array (written when all are done)
     manifest.npz           WebDataset data: records and valid records per tar shard, digests of their
                            keys (`ShardIndex`), so `train` maps a sample to its row without a key table
+With `embed.views N > 1` (a reinforced cache, `data/views.py`) each shard also has
+    aug_00000.npy          float32 [rows, N, 5], every view's crop box and flip (view 0: the identity)
+    views_00000.npy        float16 [rows, N - 1, image_dim], the teacher's image embedding of views 1..N-1
+                           (view 0's is the image embedding in emb_00000.npy)
 A shard is computed from a fixed list of rows in fixed batches, so a resumed run writes the same
 bytes as an uninterrupted one, and N processes (`torchrun ... embed`), each computing the shards
 s with s % N == rank, write the same bytes as one.
@@ -28,6 +32,7 @@ from tqdm import tqdm
 from clipdistill import distributed
 from clipdistill.checkpoint import atomic_write, read_json, save_npy, write_json
 from clipdistill.data.pairs import ShardIndex
+from clipdistill.data.views import IDENTITY, apply_views, view_params
 from clipdistill.runs import sweep_temps
 
 
@@ -35,8 +40,15 @@ class CacheMismatchError(RuntimeError):
     """A cache built by another teacher, preprocessing or dataset."""
 
 
-def teacher_fingerprint(model_id: str, weights_hash: str, preprocess: object, data_id: str) -> str:
-    blob = json.dumps([model_id, weights_hash, repr(preprocess), data_id])
+def teacher_fingerprint(
+    model_id: str, weights_hash: str, preprocess: object, data_id: str, views: dict | None = None
+) -> str:
+    """The cache's identity; `views` (count and augmentation settings) enters it only for N > 1, so a
+    one-view cache keeps the fingerprint it always had."""
+    parts = [model_id, weights_hash, repr(preprocess), data_id]
+    if views is not None:
+        parts.append(views)
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -49,6 +61,17 @@ class CacheMeta:
     image_dim: int
     text_dim: int
     shard_size: int
+    views: int = 1  # augmented views per sample (1: the plain cache)
+    view_seed: int = 0  # seeds every view's crop and flip
+    view_min_scale: float = 1.0  # smallest crop area, a fraction of the image
+
+    def to_json(self) -> dict:
+        """meta.json's content; a one-view cache writes exactly the keys it always wrote."""
+        values = dict(self.__dict__)
+        if self.views == 1:
+            for key in ("views", "view_seed", "view_min_scale"):
+                values.pop(key)
+        return values
 
     @property
     def num_shards(self) -> int:
@@ -75,6 +98,7 @@ class TeacherCache:
                 f"{self.meta.num_shards} shards missing): rerun `clipdistill embed` to finish it"
             )
         self._shards: dict[int, np.ndarray] = {}  # memory-mapped on first use: start-up reads no shard
+        self._extra: dict[tuple[str, int], np.ndarray] = {}  # a reinforced cache's views and aug shards
         if (self.folder / "valid.npy").is_file():
             self.valid = np.load(self.folder / "valid.npy", mmap_mode="r")
         else:  # a cache written before valid.npy existed
@@ -108,20 +132,54 @@ class TeacherCache:
     def rows(self, index: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(image, text) float32 embeddings of the given sample indices, in order."""
         index = np.asarray(index, dtype=np.int64)
-        out = np.empty((len(index), self.meta.image_dim + self.meta.text_dim), dtype=np.float16)
+        emb = torch.from_numpy(self._gather(index, "emb")).float()
+        return emb[:, : self.meta.image_dim], emb[:, self.meta.image_dim :]
+
+    def view_rows(
+        self, index: torch.Tensor | np.ndarray, view: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image embedding of each sample's `view`, text embedding, that view's crop and flip
+        parameters [B, 5]) for the given sample indices; view 0 is the plain image."""
+        index, view = np.asarray(index, dtype=np.int64), np.asarray(view, dtype=np.int64)
+        if len(view) != len(index) or (view < 0).any() or (view >= self.meta.views).any():
+            raise ValueError(f"views must be in 0..{self.meta.views - 1}, one per row")
+        image, text = self.rows(index)
+        augmented = view > 0
+        if augmented.any():
+            extra = self._gather(index[augmented], "views")  # [b, N - 1, image_dim]
+            image[torch.from_numpy(augmented)] = torch.from_numpy(
+                extra[np.arange(len(extra)), view[augmented] - 1]
+            ).float()
+        params = self._gather(index, "aug")[np.arange(len(index)), view] if self.meta.views > 1 else None
+        if params is None:
+            params = np.tile(np.asarray(IDENTITY, dtype=np.float32), (len(index), 1))
+        return image, text, torch.from_numpy(np.ascontiguousarray(params))
+
+    def _gather(self, index: np.ndarray, kind: str) -> np.ndarray:
+        """Rows `index` of the shards' `kind` arrays (emb, views, aug), in order."""
         shard, offset = np.divmod(index, self.meta.shard_size)
+        out = None
         for s in np.unique(shard):
             hit = shard == s
-            out[hit] = self._shard(int(s))[offset[hit]]
-        emb = torch.from_numpy(out).float()
-        return emb[:, : self.meta.image_dim], emb[:, self.meta.image_dim :]
+            part = self._shard(int(s), kind)
+            if out is None:
+                out = np.empty((len(index), *part.shape[1:]), dtype=part.dtype)
+            out[hit] = part[offset[hit]]
+        if out is None:  # no row asked for
+            out = np.empty((0, *self._shard(0, kind).shape[1:]), dtype=self._shard(0, kind).dtype)
+        return out
 
     def all_image(self, chunk: int = 65536):
         """Image embeddings shard by shard (memory-mapped views), for balance and cluster."""
         for s in range(self.meta.num_shards):
             yield self._shard(s)[:, : self.meta.image_dim]
 
-    def _shard(self, s: int) -> np.ndarray:
+    def _shard(self, s: int, kind: str = "emb") -> np.ndarray:
+        if kind != "emb":
+            key = (kind, s)
+            if key not in self._extra:
+                self._extra[key] = np.load(self.folder / f"{kind}_{s:05d}.npy", mmap_mode="r")
+            return self._extra[key]
         if s not in self._shards:
             self._shards[s] = np.load(self.folder / f"emb_{s:05d}.npy", mmap_mode="r")
         return self._shards[s]
@@ -129,10 +187,20 @@ class TeacherCache:
 
 @torch.no_grad()
 def embed_shard(
-    teacher, batches, rows: range, width: int, device: torch.device, progress: tqdm | None = None
-) -> tuple[np.ndarray, dict]:
-    """Encode one shard's rows: normalised image and text embeddings as float16, zeros for bad samples."""
-    emb = np.zeros((len(rows), width), dtype=np.float16)
+    teacher,
+    batches,
+    rows: range,
+    meta: CacheMeta,
+    device: torch.device,
+    progress: tqdm | None = None,
+    views: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict, np.ndarray | None]:
+    """Encode one shard's rows: normalised image and text embeddings as float16, zeros for bad samples;
+    with `views` (the rows' view parameters [rows, N, 5]) also the image embeddings of views 1..N-1."""
+    emb = np.zeros((len(rows), meta.image_dim + meta.text_dim), dtype=np.float16)
+    view_emb = None
+    if views is not None:
+        view_emb = np.zeros((len(rows), views.shape[1] - 1, meta.image_dim), dtype=np.float16)
     valid = np.zeros(len(rows), dtype=bool)
     ids = [""] * len(rows)
     skipped = []
@@ -142,14 +210,20 @@ def embed_shard(
             progress.update(len(batch["index"]) + len(batch["skipped"]))
         if len(batch["index"]) == 0:
             continue
-        image = F.normalize(teacher.encode_image(batch["image"].to(device)).float(), dim=-1)
+        pixels = batch["image"].to(device)
+        image = F.normalize(teacher.encode_image(pixels).float(), dim=-1)
         text = F.normalize(teacher.encode_text(batch["text"].to(device)).float(), dim=-1)
         local = batch["index"].numpy() - rows.start
         emb[local] = torch.cat([image, text], dim=1).cpu().half().numpy()
+        if view_emb is not None:
+            params = torch.from_numpy(views[local])
+            for v in range(1, views.shape[1]):
+                seen = teacher.encode_image(apply_views(pixels, params[:, v]))
+                view_emb[local, v - 1] = F.normalize(seen.float(), dim=-1).cpu().half().numpy()
         valid[local] = True
         for row, key in zip(local, batch.get("id") or batch["index"].tolist(), strict=True):
             ids[row] = str(key)
-    return emb, {"ids": ids, "valid": valid.tolist(), "skipped": skipped}
+    return emb, {"ids": ids, "valid": valid.tolist(), "skipped": skipped}, view_emb
 
 
 def shard_validity(folder: Path, num_shards: int) -> np.ndarray:
@@ -203,7 +277,7 @@ def build_cache(
                 f"Delete {folder} to rebuild it"
             )
     elif rank == 0:
-        write_json(meta_path, meta.__dict__)
+        write_json(meta_path, meta.to_json())
     if rank == 0:
         sweep_temps(folder)  # half-written files of a killed run (see atomic_path)
     distributed.barrier()
@@ -218,13 +292,18 @@ def build_cache(
         unit="img",
         dynamic_ncols=True,
     )
-    width = meta.image_dim + meta.text_dim
     for s in todo:
         rows = meta.shard_rows(s)
         index = np.arange(rows.start, rows.stop)
+        views = None
+        if meta.views > 1:
+            views = view_params(meta.view_seed, index, meta.views, meta.view_min_scale)
         batches = source.batches(np.array_split(index, -(-len(index) // batch_size)))
-        emb, record = embed_shard(teacher, batches, rows, width, device, progress)
+        emb, record, view_emb = embed_shard(teacher, batches, rows, meta, device, progress, views)
         save_npy(folder / f"emb_{s:05d}.npy", emb)
+        if views is not None:
+            save_npy(folder / f"aug_{s:05d}.npy", views)
+            save_npy(folder / f"views_{s:05d}.npy", view_emb)
         write_json(folder / f"shard_{s:05d}.json", record)  # the shard's done mark, written last
         skipped += len(record["skipped"])
     progress.close()

@@ -16,9 +16,10 @@ from clipdistill.cache import (
     teacher_fingerprint,
 )
 from clipdistill.checkpoint import read_json, write_json
-from clipdistill.config import RunConfig
+from clipdistill.config import ConfigError, RunConfig
 from clipdistill.data.classification import path_hint
 from clipdistill.data.sources import ShardPairs, TablePairs, make_pair_source
+from clipdistill.data.views import RATIO
 from clipdistill.distributed import init_distributed, resolve_device
 from clipdistill.models.factory import create_teacher
 from clipdistill.runs import cache_dir, data_id
@@ -35,6 +36,7 @@ def run_embed(cfg: RunConfig) -> dict:
     """Build (or finish) the run's teacher cache; refuses a cache from another teacher or other data,
     and data whose samples were mostly skipped. Under torchrun the ranks share the shards
     (`build_cache`); the result is the same bytes."""
+    views = view_settings(cfg)  # checked before any model loads
     device = resolve_device(cfg.embed.device)
     dist_info = init_distributed(device)
     if device.type == "cuda":
@@ -47,7 +49,7 @@ def run_embed(cfg: RunConfig) -> dict:
     width = teacher.model.encode_text(teacher.tokenizer(["x"]).to(device)).shape[-1]
     meta = CacheMeta(
         fingerprint=teacher_fingerprint(
-            teacher.model_id, teacher.weights_hash(), teacher.preprocess, data_id(cfg)
+            teacher.model_id, teacher.weights_hash(), teacher.preprocess, data_id(cfg), views
         ),
         model_id=teacher.model_id,
         data_id=data_id(cfg),
@@ -56,6 +58,8 @@ def run_embed(cfg: RunConfig) -> dict:
         text_dim=int(width),
         shard_size=cfg.embed.shard_size,
     )
+    if views is not None:  # a one-view cache keeps the defaults: its meta.json is the one it always was
+        meta.views, meta.view_seed, meta.view_min_scale = views["views"], views["seed"], views["min_scale"]
     folder = cache_dir(cfg)
     if isinstance(source, ShardPairs):
         check_manifest(folder, source.index)
@@ -69,12 +73,26 @@ def run_embed(cfg: RunConfig) -> dict:
         "valid_samples": int(cache.valid.sum()),
         "skipped_total": int((~cache.valid).sum()),
         "fingerprint": meta.fingerprint,
+        "views": meta.views,
+        "disk_bytes": sum(f.stat().st_size for f in Path(folder).iterdir() if f.name != "report.json"),
     }
     report |= skip_summary(folder, meta.num_shards)
     if dist_info.is_main:
         write_json(Path(folder) / "report.json", report)
     check_skipped(report, cfg, source)
     return report
+
+
+def view_settings(cfg: RunConfig) -> dict | None:
+    """What a reinforced cache's views depend on (None for the plain one-view cache)."""
+    e = cfg.embed
+    if e.views < 1:
+        raise ConfigError(f"embed.views must be at least 1, not {e.views}")
+    if not 0.0 < e.view_min_scale <= 1.0:
+        raise ConfigError(f"embed.view_min_scale must be in (0, 1], not {e.view_min_scale}")
+    if e.views == 1:
+        return None
+    return {"views": e.views, "seed": e.view_seed, "min_scale": e.view_min_scale, "ratio": list(RATIO)}
 
 
 def skip_summary(folder: Path, num_shards: int) -> dict:

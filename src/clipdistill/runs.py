@@ -28,8 +28,12 @@ def output_dir(cfg: RunConfig) -> Path:
 
 
 def cache_dir(cfg: RunConfig) -> Path:
-    """The run's teacher cache; a lab target domain (cross-dataset distillation) has its own."""
-    return Path(cfg.run_dir) / (f"cache_{cfg.data.domain}" if cfg.data.domain else "cache")
+    """The run's teacher cache; a lab target domain (cross-dataset distillation) and a reinforced cache
+    of N views (`embed.views`) have their own."""
+    name = f"cache_{cfg.data.domain}" if cfg.data.domain else "cache"
+    if cfg.embed.views > 1:
+        name += f"_views{cfg.embed.views}"
+    return Path(cfg.run_dir) / name
 
 
 def data_id(cfg: RunConfig) -> str:
