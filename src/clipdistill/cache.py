@@ -11,6 +11,11 @@ With `embed.views N > 1` (a reinforced cache, `data/views.py`) each shard also h
     aug_00000.npy          float32 [rows, N, 5], every view's crop box and flip (view 0: the identity)
     views_00000.npy        float16 [rows, N - 1, image_dim], the teacher's image embedding of views 1..N-1
                            (view 0's is the image embedding in emb_00000.npy)
+A teacher ensemble (`embed.ensemble`) keeps teacher 0 in the folder itself and teacher k's cache, laid out
+the same, in `teacher<k>/`; meta.json lists their fingerprints. Readers get every teacher's
+embeddings concatenated and scaled by 1/sqrt(K): unit vectors whose dot products are the mean of the
+teachers' dot products, so similarity-based losses see the ensemble's averaged similarities and a
+student projection learns every teacher's space at once.
 A shard is computed from a fixed list of rows in fixed batches, so a resumed run writes the same
 bytes as an uninterrupted one, and N processes (`torchrun ... embed`), each computing the shards
 s with s % N == rank, write the same bytes as one.
@@ -20,8 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +47,21 @@ class CacheMismatchError(RuntimeError):
 
 
 def teacher_fingerprint(
-    model_id: str, weights_hash: str, preprocess: object, data_id: str, views: dict | None = None
+    model_id: str,
+    weights_hash: str,
+    preprocess: object,
+    data_id: str,
+    views: dict | None = None,
+    members: list[str] | None = None,
 ) -> str:
-    """The cache's identity; `views` (count and augmentation settings) enters it only for N > 1, so a
-    one-view cache keeps the fingerprint it always had."""
+    """The cache's identity; `views` (count and augmentation settings, N > 1) and the `members` of an
+    ensemble (their fingerprints) enter it only when given, so a one-view, one-teacher cache keeps the
+    fingerprint it always had."""
     parts = [model_id, weights_hash, repr(preprocess), data_id]
     if views is not None:
         parts.append(views)
+    if members:
+        parts.append(members)
     blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -64,13 +78,16 @@ class CacheMeta:
     views: int = 1  # augmented views per sample (1: the plain cache)
     view_seed: int = 0  # seeds every view's crop and flip
     view_min_scale: float = 1.0  # smallest crop area, a fraction of the image
+    ensemble: list[str] = field(default_factory=list)  # fingerprints of teachers 1.. (in teacher<k>/)
 
     def to_json(self) -> dict:
-        """meta.json's content; a one-view cache writes exactly the keys it always wrote."""
+        """meta.json's content; a one-view, one-teacher cache writes exactly the keys it always wrote."""
         values = dict(self.__dict__)
         if self.views == 1:
             for key in ("views", "view_seed", "view_min_scale"):
                 values.pop(key)
+        if not self.ensemble:
+            values.pop("ensemble")
         return values
 
     @property
@@ -82,7 +99,10 @@ class CacheMeta:
 
 
 class TeacherCache:
-    """Read access to a finished cache: rows by sample index, memory-mapped shard by shard."""
+    """Read access to a finished cache: rows by sample index, memory-mapped shard by shard.
+
+    For an ensemble, `meta` gives the combined widths (the sum of the teachers'), which is what
+    `rows` and `view_rows` return; `layout` describes this folder's own files (teacher 0)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -103,6 +123,23 @@ class TeacherCache:
             self.valid = np.load(self.folder / "valid.npy", mmap_mode="r")
         else:  # a cache written before valid.npy existed
             self.valid = shard_validity(self.folder, self.meta.num_shards)
+        self.layout = self.meta
+        self.members = [
+            TeacherCache(member_dir(self.folder, k)) for k in range(1, len(self.meta.ensemble) + 1)
+        ]
+        for k, (member, expected) in enumerate(zip(self.members, self.meta.ensemble, strict=True), start=1):
+            if member.meta.fingerprint != expected or member.meta.num_samples != self.meta.num_samples:
+                raise CacheMismatchError(
+                    f"teacher {k} of the ensemble cache at {self.folder} ({member.folder}) is not the one it "
+                    f"was built with: delete {self.folder} and rerun `clipdistill embed`"
+                )
+        if self.members:
+            self.valid = np.logical_and.reduce([np.asarray(self.valid)] + [m.valid for m in self.members])
+            self.meta = replace(
+                self.meta,
+                image_dim=sum(m.meta.image_dim for m in [self, *self.members]),
+                text_dim=sum(m.meta.text_dim for m in [self, *self.members]),
+            )
 
     def manifest(self) -> tuple[ShardIndex, np.ndarray] | None:
         """The WebDataset manifest (the shards' index, valid records per shard), if `embed` wrote one."""
@@ -133,7 +170,11 @@ class TeacherCache:
         """(image, text) float32 embeddings of the given sample indices, in order."""
         index = np.asarray(index, dtype=np.int64)
         emb = torch.from_numpy(self._gather(index, "emb")).float()
-        return emb[:, : self.meta.image_dim], emb[:, self.meta.image_dim :]
+        image, text = emb[:, : self.layout.image_dim], emb[:, self.layout.image_dim :]
+        if not self.members:
+            return image, text
+        parts = [(image, text)] + [m.rows(index) for m in self.members]
+        return combine([p[0] for p in parts]), combine([p[1] for p in parts])
 
     def view_rows(
         self, index: torch.Tensor | np.ndarray, view: np.ndarray
@@ -143,7 +184,8 @@ class TeacherCache:
         index, view = np.asarray(index, dtype=np.int64), np.asarray(view, dtype=np.int64)
         if len(view) != len(index) or (view < 0).any() or (view >= self.meta.views).any():
             raise ValueError(f"views must be in 0..{self.meta.views - 1}, one per row")
-        image, text = self.rows(index)
+        emb = torch.from_numpy(self._gather(index, "emb")).float()
+        image, text = emb[:, : self.layout.image_dim], emb[:, self.layout.image_dim :]
         augmented = view > 0
         if augmented.any():
             extra = self._gather(index[augmented], "views")  # [b, N - 1, image_dim]
@@ -153,6 +195,9 @@ class TeacherCache:
         params = self._gather(index, "aug")[np.arange(len(index)), view] if self.meta.views > 1 else None
         if params is None:
             params = np.tile(np.asarray(IDENTITY, dtype=np.float32), (len(index), 1))
+        if self.members:
+            parts = [(image, text)] + [m.view_rows(index, view)[:2] for m in self.members]
+            image, text = combine([p[0] for p in parts]), combine([p[1] for p in parts])
         return image, text, torch.from_numpy(np.ascontiguousarray(params))
 
     def _gather(self, index: np.ndarray, kind: str) -> np.ndarray:
@@ -170,9 +215,12 @@ class TeacherCache:
         return out
 
     def all_image(self, chunk: int = 65536):
-        """Image embeddings shard by shard (memory-mapped views), for balance and cluster."""
+        """Image embeddings shard by shard (memory-mapped views; an ensemble's combined, in memory)."""
         for s in range(self.meta.num_shards):
-            yield self._shard(s)[:, : self.meta.image_dim]
+            if self.members:
+                yield self.rows(np.asarray(self.meta.shard_rows(s)))[0].numpy()
+            else:
+                yield self._shard(s)[:, : self.meta.image_dim]
 
     def _shard(self, s: int, kind: str = "emb") -> np.ndarray:
         if kind != "emb":
@@ -183,6 +231,17 @@ class TeacherCache:
         if s not in self._shards:
             self._shards[s] = np.load(self.folder / f"emb_{s:05d}.npy", mmap_mode="r")
         return self._shards[s]
+
+
+def member_dir(folder: str | Path, k: int) -> Path:
+    """The cache folder of teacher `k` >= 1 of an ensemble, inside the ensemble's folder."""
+    return Path(folder) / f"teacher{k}"
+
+
+def combine(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The teachers' unit-norm embeddings side by side, scaled by 1/sqrt(K): a unit vector whose dot
+    product with another is the teachers' mean dot product."""
+    return torch.cat(parts, dim=1) / math.sqrt(len(parts))
 
 
 @torch.no_grad()

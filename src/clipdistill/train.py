@@ -96,6 +96,8 @@ def _fingerprinted(values: dict) -> dict:
     values = copy.deepcopy({key: values[key] for key in sections if key in values})
     if embed.get("views", 1) > 1:  # a reinforced cache: its views are part of what the student sees
         values["views"] = {key: embed[key] for key in ("views", "view_min_scale", "view_seed")}
+    if embed.get("ensemble"):  # so are the other teachers of an ensemble
+        values["ensemble"] = list(embed["ensemble"])
     for key in RESUME_FREE_KEYS:
         values["train"].pop(key, None)
     if values["train"].get("optimizer") == "adamw":  # the default that predates the key: old runs still match
