@@ -4,14 +4,15 @@ the student sees exactly the crop its target was computed on, and a resumed run 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from clipdistill import train as train_module
 from clipdistill.cache import TeacherCache
+from clipdistill.config import ModelConfig
 from clipdistill.data.sources import make_pair_source
 from clipdistill.data.views import apply_views, pick_views
 from clipdistill.embed import run_embed
-from clipdistill.models.factory import create_student, create_teacher
+from clipdistill.models.factory import create_model, create_student, create_teacher
 from clipdistill.runs import cache_dir, output_dir
 from clipdistill.train import prepare_batch, train
 
@@ -30,8 +31,17 @@ def _restore_determinism():
 
 
 @pytest.fixture
-def views_cache(pairs_config):
-    cfg = pairs_config(*FD)
+def teacher(tmp_path):
+    """A fixed stand-in teacher (`random` would draw another one in every process and config)."""
+    torch.manual_seed(0)
+    weights = tmp_path / "teacher.safetensors"
+    save_file(create_model(ModelConfig(name="lab-student-tiny")).model.state_dict(), weights)
+    return ("--teacher.pretrained", str(weights))
+
+
+@pytest.fixture
+def views_cache(pairs_config, teacher):
+    cfg = pairs_config(*FD, *teacher)
     run_embed(cfg)
     return cfg
 
@@ -46,6 +56,9 @@ def test_the_student_sees_the_view_its_target_was_computed_on(views_cache):
     cache = TeacherCache(cache_dir(cfg))
     rows = np.arange(0, 256, 5)
     teacher, student = create_teacher(cfg.teacher), create_student(cfg.student)
+    assert torch.equal(
+        teacher.model.visual.conv1.weight, load_file(cfg.teacher.pretrained)["visual.conv1.weight"]
+    )
     (teacher_batch,) = make_pair_source(cfg.data, teacher.tokenizer, teacher.preprocess).batches([rows])
     (student_batch,) = make_pair_source(cfg.data, student.tokenizer, student.preprocess).batches([rows])
     batch = prepare_batch(student_batch, torch.device("cpu"), cache, 7, cfg.train.seed)
@@ -61,13 +74,17 @@ def test_the_student_sees_the_view_its_target_was_computed_on(views_cache):
     for i, (row, v) in enumerate(zip(rows, view, strict=True)):
         expected = stored[i] if v == 0 else extra[row, v - 1].astype(np.float32)
         assert torch.equal(batch["teacher_image"][i], torch.from_numpy(expected))
-    # (that the stored row is the teacher's embedding of `teacher_input`: tests/test_cache_views.py)
+    with torch.no_grad():
+        encoded = torch.nn.functional.normalize(teacher.model.encode_image(teacher_input), dim=-1)
+    torch.testing.assert_close(batch["teacher_image"], encoded, atol=2e-3, rtol=0)
     other_step = prepare_batch(student_batch, torch.device("cpu"), cache, 8, cfg.train.seed)
     assert not torch.equal(other_step["image"], batch["image"])  # a new draw every step
 
 
-def test_a_resumed_views_run_equals_an_uninterrupted_one(views_cache, pairs_config, monkeypatch, tmp_path):
-    uninterrupted = pairs_config(*FD, "--train.name", "whole")
+def test_a_resumed_views_run_equals_an_uninterrupted_one(
+    views_cache, pairs_config, teacher, monkeypatch, tmp_path
+):
+    uninterrupted = pairs_config(*FD, *teacher, "--train.name", "whole")
     train(uninterrupted)
     save = train_module.save_training_state
 
@@ -75,7 +92,7 @@ def test_a_resumed_views_run_equals_an_uninterrupted_one(views_cache, pairs_conf
         save(state, path)
         raise Interrupted
 
-    cfg = pairs_config(*FD, "--train.name", "resumed")
+    cfg = pairs_config(*FD, *teacher, "--train.name", "resumed")
     monkeypatch.setattr(train_module, "save_training_state", save_then_crash)
     with pytest.raises(Interrupted):
         train(cfg)  # stops right after the step-2 checkpoint
@@ -85,7 +102,7 @@ def test_a_resumed_views_run_equals_an_uninterrupted_one(views_cache, pairs_conf
     for key, value in whole.items():
         assert torch.equal(resumed[key], value), key
     # the views changed the run: the same seed on the plain cache trains other weights
-    plain = pairs_config("--train.method", "fd", "--train.deterministic", "true", run_dir=tmp_path / "plain")
+    plain = pairs_config(*FD[:4], *teacher, "--train.name", "whole", run_dir=tmp_path / "plain")
     run_embed(plain)
     train(plain)
     other = load_file(output_dir(plain) / "model.safetensors")
