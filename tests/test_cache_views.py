@@ -172,3 +172,20 @@ def test_kill_9_then_rerun_of_a_views_cache_is_byte_identical(setup, views, tmp_
     assert rerun.returncode == 0, rerun.stderr
     assert f'"shards_computed": {NUM_SHARDS - done}' in rerun.stdout
     assert _files(folder) == _files(cache_dir(cfg))
+
+
+def test_a_views_cache_next_to_the_plain_one_computes_only_the_views(setup, plain, views, monkeypatch):
+    """The plain cache of the same teacher gives view 0 and the captions: the same bytes, and the
+    teacher's text tower runs once (the width probe at start-up), not per batch."""
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    calls = []
+    for cls in (CLIP, CustomTextCLIP):
+        original = cls.encode_text
+        monkeypatch.setattr(
+            cls, "encode_text", lambda self, *a, f=original, **k: calls.append(1) or f(self, *a, **k)
+        )
+    report = run_embed(load_config(None, _args(setup, plain[0].run_dir, *VIEWS)))
+    assert len(calls) == 1
+    assert report["reused_plain_cache"] and not views[1]["reused_plain_cache"]
+    assert _files(Path(plain[0].run_dir) / "cache_views3") == _files(cache_dir(views[0]))

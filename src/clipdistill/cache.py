@@ -253,10 +253,15 @@ def embed_shard(
     device: torch.device,
     progress: tqdm | None = None,
     views: np.ndarray | None = None,
+    plain: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict, np.ndarray | None]:
     """Encode one shard's rows: normalised image and text embeddings as float16, zeros for bad samples;
-    with `views` (the rows' view parameters [rows, N, 5]) also the image embeddings of views 1..N-1."""
+    with `views` (the rows' view parameters [rows, N, 5]) also the image embeddings of views 1..N-1.
+    `plain`, the shard's rows of this teacher's plain cache, stands for the image and text embeddings
+    (they are those bytes): only the views are computed."""
     emb = np.zeros((len(rows), meta.image_dim + meta.text_dim), dtype=np.float16)
+    if plain is not None:
+        emb[:] = plain
     view_emb = None
     if views is not None:
         view_emb = np.zeros((len(rows), views.shape[1] - 1, meta.image_dim), dtype=np.float16)
@@ -270,10 +275,11 @@ def embed_shard(
         if len(batch["index"]) == 0:
             continue
         pixels = batch["image"].to(device)
-        image = F.normalize(teacher.encode_image(pixels).float(), dim=-1)
-        text = F.normalize(teacher.encode_text(batch["text"].to(device)).float(), dim=-1)
         local = batch["index"].numpy() - rows.start
-        emb[local] = torch.cat([image, text], dim=1).cpu().half().numpy()
+        if plain is None:
+            image = F.normalize(teacher.encode_image(pixels).float(), dim=-1)
+            text = F.normalize(teacher.encode_text(batch["text"].to(device)).float(), dim=-1)
+            emb[local] = torch.cat([image, text], dim=1).cpu().half().numpy()
         if view_emb is not None:
             params = torch.from_numpy(views[local])
             for v in range(1, views.shape[1]):
@@ -316,12 +322,19 @@ def check_manifest(folder: str | Path, index: ShardIndex) -> None:
 
 
 def build_cache(
-    folder: str | Path, meta: CacheMeta, teacher, source, batch_size: int, device: torch.device
+    folder: str | Path,
+    meta: CacheMeta,
+    teacher,
+    source,
+    batch_size: int,
+    device: torch.device,
+    plain: TeacherCache | None = None,
 ) -> dict:
     """Compute (or finish) the cache; returns a report with timing and skipped-sample counts.
 
     Under torchrun each rank computes the unfinished shards s with s % world_size == rank; rank 0
-    writes the metadata before and `valid.npy` after.
+    writes the metadata before and `valid.npy` after. `plain`, this teacher's finished plain cache of
+    the same data and shard size, gives the image and text embeddings: only views are computed.
     """
     folder = Path(folder)
     meta_path = folder / "meta.json"
@@ -358,7 +371,8 @@ def build_cache(
         if meta.views > 1:
             views = view_params(meta.view_seed, index, meta.views, meta.view_min_scale)
         batches = source.batches(np.array_split(index, -(-len(index) // batch_size)))
-        emb, record, view_emb = embed_shard(teacher, batches, rows, meta, device, progress, views)
+        reused = None if plain is None else np.asarray(plain._shard(s))
+        emb, record, view_emb = embed_shard(teacher, batches, rows, meta, device, progress, views, reused)
         save_npy(folder / f"emb_{s:05d}.npy", emb)
         if views is not None:
             save_npy(folder / f"aug_{s:05d}.npy", views)

@@ -10,6 +10,7 @@ import torch
 
 from clipdistill.cache import (
     CacheMeta,
+    CacheMismatchError,
     TeacherCache,
     build_cache,
     check_manifest,
@@ -105,8 +106,31 @@ def embed_teacher(
         meta.views, meta.view_seed, meta.view_min_scale = views["views"], views["seed"], views["min_scale"]
     if isinstance(source, ShardPairs):
         check_manifest(folder, source.index)
-    report = build_cache(folder, meta, teacher.model, source, cfg.embed.batch_size, device)
+    plain = None
+    if folder != plain_dir(cfg):
+        plain_fingerprint = teacher_fingerprint(
+            teacher.model_id, teacher.weights_hash(), teacher.preprocess, data_id(cfg)
+        )
+        plain = plain_cache(plain_dir(cfg), plain_fingerprint, meta)
+    report = build_cache(folder, meta, teacher.model, source, cfg.embed.batch_size, device, plain)
+    report["reused_plain_cache"] = plain is not None
     return meta, report, source
+
+
+def plain_dir(cfg: RunConfig) -> Path:
+    """Where the run's plain (one-view, one-teacher) cache lives."""
+    return cache_dir(dataclasses.replace(cfg, embed=dataclasses.replace(cfg.embed, views=1, ensemble=[])))
+
+
+def plain_cache(folder: Path, fingerprint: str, meta: CacheMeta) -> TeacherCache | None:
+    """The finished plain cache of this teacher, data and shard size, if there is one: a views cache or
+    an ensemble copies its image and text embeddings instead of computing them again."""
+    try:
+        cache = TeacherCache(folder)
+    except (FileNotFoundError, CacheMismatchError):
+        return None
+    same = (cache.meta.fingerprint, cache.meta.num_samples, cache.meta.shard_size)
+    return cache if same == (fingerprint, meta.num_samples, meta.shard_size) else None
 
 
 def ensemble_members(cfg: RunConfig) -> list[Path]:
