@@ -104,6 +104,15 @@ class EmbedConfig:
     shard_size: int = 8192
     device: str = "auto"
     max_skip_fraction: float = 0.5  # more skipped samples than this stops `embed` (the data is wrong)
+    # A reinforced cache (data/views.py): per sample N views (view 0 the plain image, the others random
+    # resized crops + flips) and the teacher's image embedding of each; `train` draws one per step.
+    views: int = 1  # 1: the plain cache in cache/; N > 1: cache_views<N>/
+    view_min_scale: float = 0.5  # smallest crop area, a fraction of the image (aspect ratio 3/4..4/3)
+    view_seed: int = 0  # seeds every view's crop and flip
+    # A teacher ensemble: the weights of more teachers of `teacher.name` (paths relative to the run dir
+    # or absolute); the cache stores each one's embeddings (cache_ensemble<K>/) and readers get them
+    # concatenated and scaled by 1/sqrt(K) (cache.py).
+    ensemble: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -28,8 +28,14 @@ def output_dir(cfg: RunConfig) -> Path:
 
 
 def cache_dir(cfg: RunConfig) -> Path:
-    """The run's teacher cache; a lab target domain (cross-dataset distillation) has its own."""
-    return Path(cfg.run_dir) / (f"cache_{cfg.data.domain}" if cfg.data.domain else "cache")
+    """The run's teacher cache; a lab target domain (cross-dataset distillation), a reinforced cache
+    of N views (`embed.views`) and a teacher ensemble (`embed.ensemble`) have their own."""
+    name = f"cache_{cfg.data.domain}" if cfg.data.domain else "cache"
+    if cfg.embed.views > 1:
+        name += f"_views{cfg.embed.views}"
+    if cfg.embed.ensemble:
+        name += f"_ensemble{len(cfg.embed.ensemble) + 1}"
+    return Path(cfg.run_dir) / name
 
 
 def data_id(cfg: RunConfig) -> str:

@@ -38,6 +38,7 @@ from clipdistill.checkpoint import (
 from clipdistill.config import NEWER_DEFAULTS, ConfigError, RunConfig, TrainConfig, fingerprint, to_dict
 from clipdistill.data.sampler import StepSampler
 from clipdistill.data.sources import ShardPairs, make_pair_source
+from clipdistill.data.views import apply_views, pick_views
 from clipdistill.distributed import DistInfo, all_reduce_mean, init_distributed, resolve_device
 from clipdistill.methods import method_sections, task_class
 from clipdistill.methods.task import TERM, CacheUse, Task, loss_terms
@@ -91,7 +92,12 @@ def _fingerprinted(values: dict) -> dict:
     """The settings a training result depends on: the data, the models, the trainer and the
     method's own sections; not logging, evaluation, the demo's plan or other methods' settings."""
     sections = ("data", "teacher", "student", "train", *method_sections(values["train"]["method"]))
+    embed = values.get("embed", {})
     values = copy.deepcopy({key: values[key] for key in sections if key in values})
+    if embed.get("views", 1) > 1:  # a reinforced cache: its views are part of what the student sees
+        values["views"] = {key: embed[key] for key in ("views", "view_min_scale", "view_seed")}
+    if embed.get("ensemble"):  # so are the other teachers of an ensemble
+        values["ensemble"] = list(embed["ensemble"])
     for key in RESUME_FREE_KEYS:
         values["train"].pop(key, None)
     if values["train"].get("optimizer") == "adamw":  # the default that predates the key: old runs still match
@@ -360,7 +366,7 @@ def train_step(trainer: Trainer, batches: Iterator[dict], step: int) -> StepResu
         skipped += len(batch["skipped"])
         if trainer.world_size > 1:
             batch = equalize_batch(batch)
-        batch = prepare_batch(batch, trainer.device, trainer.cache)
+        batch = prepare_batch(batch, trainer.device, trainer.cache, step, tc.seed)
         sync = micro == tc.accum_steps - 1 or trainer.world_size == 1
         with model.no_sync() if not sync else contextlib.nullcontext(), autocast_for(trainer.device, tc.amp):
             parts = model(batch)
@@ -535,14 +541,25 @@ def equalize_batch(batch: dict) -> dict:
     return {k: (v[:n] if k != "skipped" and v is not None else v) for k, v in batch.items()}
 
 
-def prepare_batch(batch: dict, device: torch.device, cache: TeacherCache | None) -> dict:
-    """The batch on `device`, with the cached teacher rows of its samples when there is a cache."""
+def prepare_batch(
+    batch: dict, device: torch.device, cache: TeacherCache | None, step: int = 0, seed: int = 0
+) -> dict:
+    """The batch on `device`, with the cached teacher rows of its samples when there is a cache.
+
+    A reinforced cache (N views) gives each sample the view `pick_views(seed, step, row)`: its crop
+    and flip are applied to the student's pixels and its teacher embedding is the target, so a
+    resumed run and any number of ranks draw the same views."""
     moved = {
         k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
     }
     if cache is not None:
         rows = batch["index"].cpu()  # every source's sample index is its cache row
-        image, text = cache.rows(rows)
+        if cache.meta.views > 1:
+            view = pick_views(seed, step, rows.numpy(), cache.meta.views)
+            image, text, params = cache.view_rows(rows, view)
+            moved["image"] = apply_views(moved["image"], params)
+        else:
+            image, text = cache.rows(rows)
         moved["teacher_image"], moved["teacher_text"] = image.to(device), text.to(device)
         moved["cache_row"] = torch.as_tensor(rows)
     return moved

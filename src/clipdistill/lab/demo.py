@@ -21,6 +21,10 @@ from clipdistill.train import train
 # ComKD stage 2 starts from the CID student of the same seed: the two methods chain.
 STAGE2 = {"comkd.student_init": "cid", "eval.protocol": "all"}
 CROSS = {"data.domain": "blurred", "eval.protocol": "base_to_novel"}
+# The reinforced cache's rows: CID on the balanced subset with N views per image, or with a second lab
+# teacher (trained here with seed 1) in an ensemble; clusters and balance come from the plain cache.
+BALANCED_CID = {"train.method": "cid", "train.subset": "balance/kept.npy"}
+SECOND_TEACHER = "teacher_seed1"
 # Row name -> config overrides as dotted `section.key` (method and, for ablations, its settings).
 ROWS: dict[str, dict] = {
     "no_kd": {"train.method": "clip"},
@@ -29,6 +33,9 @@ ROWS: dict[str, dict] = {
     "cid_no_instance": {"train.method": "cid", "cid.lambda_id": 0.0},
     "cid_balanced": {"train.method": "cid", "train.subset": "balance/kept.npy"},
     "cid_random_subset": {"train.method": "cid", "train.subset": "balance/random.npy"},
+    "cid_views2": {**BALANCED_CID, "embed.views": 2},
+    "cid_views4": {**BALANCED_CID, "embed.views": 4},
+    "cid_ensemble": {**BALANCED_CID, "embed.ensemble": [f"{SECOND_TEACHER}/model.safetensors"]},
     "fd": {"train.method": "fd"},
     "crd": {"train.method": "crd"},
     "icl": {"train.method": "icl"},
@@ -94,16 +101,17 @@ def evaluated(cfg: RunConfig, name: str) -> dict:
     return metrics | {"train_seconds": read_json(folder / "done.json")["train_seconds"]}
 
 
-def train_teacher(cfg: RunConfig) -> dict:
+def train_teacher(cfg: RunConfig, seed: int = 0, name: str = "teacher") -> dict:
+    """The lab teacher (`name` trained with `seed`: the ensemble's second teacher is another seed)."""
     teacher_cfg = replace(
         cfg,
         {
             "train.role": "teacher",
             "train.method": "clip",
-            "train.name": "teacher",
+            "train.name": name,
             "train.steps": cfg.lab.teacher_steps,
             "train.lr": cfg.lab.teacher_lr,
-            "train.seed": 0,
+            "train.seed": seed,
             "teacher.pretrained": "",  # trained from scratch here (the text tower is pretrained)
         },
     )
@@ -130,7 +138,10 @@ def run_rows(cfg: RunConfig) -> dict[str, dict]:
         per_seed = []
         for seed in cfg.lab.seeds:
             run_cfg = row_config(cfg, row, seed)
-            if run_cfg.data.domain:  # a target set: the teacher's cache of its images first
+            if run_cfg.embed.ensemble:
+                train_teacher(cfg, seed=1, name=SECOND_TEACHER)
+            # a target set, a reinforced cache or an ensemble: that cache first
+            if run_cfg.data.domain or run_cfg.embed.views > 1 or run_cfg.embed.ensemble:
                 run_embed(run_cfg)
             train(run_cfg)
             per_seed.append(evaluated(run_cfg, run_cfg.train.name))
