@@ -58,7 +58,8 @@ def points(only: list[str]) -> list[tuple[str, str, dict]]:
     for row, (key, values) in GRID.items():
         if row in only:
             origin = BASELINE_ORIGINS[row][key.split(".")[1]]
-            grids.append([(row, key, v) for v in sorted(values, key=lambda v: (v != origin, abs(v - origin)))])
+            closest_first = sorted(values, key=lambda v: (v != origin, abs(v - origin)))
+            grids.append([(row, key, v) for v in closest_first])
     ordered = [grid[i] for i in range(max(map(len, grids), default=0)) for grid in grids if i < len(grid)]
     out = [(f"{row}_{SHORT[key]}{value:g}", row, {key: value}) for row, key, value in ordered]
     return out + ([("no_kd", "no_kd", {})] if "no_kd" in only else [])
@@ -96,7 +97,8 @@ def summary(runs: list[dict]) -> dict[str, dict]:
 def table(report: dict) -> str:
     """The screen as Markdown: one line per point, the chosen value per baseline in bold."""
     lines = [
-        "| baseline | setting | validation zero-shot | test zero-shot | linear probe | i2t R@1 | kd_share | seeds |",
+        "| baseline | setting | validation zero-shot | test zero-shot | linear probe | i2t R@1 | kd_share "
+        "| seeds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for point, entry in report["points"].items():

@@ -82,7 +82,8 @@ def test_unset_keys_take_each_origin_and_a_set_key_wins():
     assert icl.icl_own_scale is True and icl.weight == 1.0
     tiny = DistillConfig().for_method("tinyclip_affinity")
     assert (tiny.clip_weight, tiny.affinity_logit_scale) == (0.0, 50.0)  # TinyCLIP: alpha 1, --logit-scale 50
-    set_ = DistillConfig(weight=3.0, clip_weight=1.0, affinity_logit_scale=0.0).for_method("tinyclip_affinity")
+    given = DistillConfig(weight=3.0, clip_weight=1.0, affinity_logit_scale=0.0)
+    set_ = given.for_method("tinyclip_affinity")
     assert (set_.weight, set_.clip_weight, set_.affinity_logit_scale) == (3.0, 1.0, 0.0)
 
 
@@ -101,6 +102,7 @@ def test_fingerprint_is_what_trains(pairs_config):
     shared = ("--distill.clip_weight", "1", "--distill.affinity_logit_scale", "0")
     assert key("--train.method", "tinyclip_affinity", *shared)["distill"] == older
     assert key("--train.method", "tinyclip_affinity")["distill"] != older
+
 
 def _gradient(kind: str, cfg: DistillConfig) -> torch.Tensor:
     torch.manual_seed(0)

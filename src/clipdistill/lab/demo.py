@@ -90,7 +90,8 @@ def gradient_shares(folder: Path) -> dict[str, float]:
     """`grad_share/<term>` of a train folder's metrics.jsonl, averaged over the log steps that have it
     (runs with `--train.grad_share true`); empty for a run without."""
     path = folder / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    lines = path.read_text().splitlines() if path.is_file() else []
+    records = [json.loads(line) for line in lines if line.strip()]
     keys = sorted({key for r in records for key in r if key.startswith("grad_share/")})
     return {key: statistics.fmean(r[key] for r in records if key in r) for key in keys}
 
