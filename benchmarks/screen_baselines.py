@@ -101,7 +101,11 @@ def table(report: dict) -> str:
         "| seeds |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for point, entry in report["points"].items():
+    order = ["no_kd", *GRID]
+    by_row = sorted(
+        report["points"].items(), key=lambda p: (order.index(p[1]["row"]), *p[1]["overrides"].values())
+    )
+    for point, entry in by_row:
         s = entry["summary"]
         cells = [
             f"{s[k]['mean']:.2f} ± {s[k]['std']:.2f}" if k in s and k != "kd_share"
