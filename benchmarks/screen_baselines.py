@@ -52,14 +52,15 @@ KEYS = ("val_zeroshot_top1", "zeroshot_top1", "linear_probe_top1", "retrieval_i2
 
 
 def points(only: list[str]) -> list[tuple[str, str, dict]]:
-    """(point name, lab row, overrides) of the screen: every baseline's origin value first, then the other
-    values taking turns across baselines, `no_kd` last (a cut-short screen has whole points that matter)."""
+    """(point name, lab row, overrides) of the screen: every baseline's origin value first (baselines in
+    the order of `only`), then the other values taking turns across baselines, `no_kd` last (a cut-short
+    screen has whole points that matter)."""
     grids = []
-    for row, (key, values) in GRID.items():
-        if row in only:
-            origin = BASELINE_ORIGINS[row][key.split(".")[1]]
-            closest_first = sorted(values, key=lambda v: (v != origin, abs(v - origin)))
-            grids.append([(row, key, v) for v in closest_first])
+    for row in [row for row in only if row in GRID]:  # in the order given
+        key, values = GRID[row]
+        origin = BASELINE_ORIGINS[row][key.split(".")[1]]
+        closest_first = sorted(values, key=lambda v: (v != origin, abs(v - origin)))
+        grids.append([(row, key, v) for v in closest_first])
     ordered = [grid[i] for i in range(max(map(len, grids), default=0)) for grid in grids if i < len(grid)]
     out = [(f"{row}_{SHORT[key]}{value:g}", row, {key: value}) for row, key, value in ordered]
     return out + ([("no_kd", "no_kd", {})] if "no_kd" in only else [])

@@ -31,10 +31,13 @@ ROWS: dict[str, dict] = {
     "cid_no_instance": {"train.method": "cid", "cid.lambda_id": 0.0},
     "cid_balanced": {"train.method": "cid", "train.subset": "balance/kept.npy"},
     "cid_random_subset": {"train.method": "cid", "train.subset": "balance/random.npy"},
+    # The baselines at their validation-chosen settings (benchmarks/screen_baselines.py): where the
+    # screen chose the origin's value, the `distill` keys stay unset (docs/methods.md, "Baselines").
     "fd": {"train.method": "fd"},
     "crd": {"train.method": "crd"},
     "icl": {"train.method": "icl"},
     "tinyclip_affinity": {"train.method": "tinyclip_affinity"},
+    # CRD at its origin settings under open_clip's name: one gradient with `crd` at weight 1
     "openclip_distill": {"train.method": "openclip_distill"},
     # ComKD: `prompt_teacher` (stage 1) must come before the rows that distil from it.
     "prompt_teacher": {
