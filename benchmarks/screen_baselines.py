@@ -136,6 +136,14 @@ def choose(report: dict) -> dict[str, str]:
     return {row: point for row, (_, point) in best.items()}
 
 
+def document(report: dict) -> str:
+    """`<out>.md`: a title naming the seeds and the command's extra overrides, then the table."""
+    extra = " ".join(report["overrides"])
+    seeds = ", ".join(map(str, report["seeds"]))
+    title = f"# Baselines screened on validation (seeds {seeds}{'; ' + extra if extra else ''})"
+    return f"{title}\n\n{table(report)}\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -171,7 +179,7 @@ def main() -> None:
             report["chosen"] = choose(report)
             print(name, {k: round(v, 3) for k, v in entry["runs"][-1].items() if v is not None}, flush=True)
             write_json(out.with_suffix(".json"), report)
-            out.with_suffix(".md").write_text(table(report) + "\n")
+            out.with_suffix(".md").write_text(document(report))
     print(table(report))
 
 
