@@ -53,8 +53,8 @@ KEYS = ("val_zeroshot_top1", "zeroshot_top1", "linear_probe_top1", "retrieval_i2
 
 def points(only: list[str]) -> list[tuple[str, str, dict]]:
     """(point name, lab row, overrides) of the screen: every baseline's origin value first (baselines in
-    the order of `only`), then the other values taking turns across baselines, `no_kd` last (a cut-short
-    screen has whole points that matter)."""
+    the order of `only`), then the other values taking turns across baselines, `no_kd` last unless
+    listed first (a cut-short screen has whole points that matter)."""
     grids = []
     for row in [row for row in only if row in GRID]:  # in the order given
         key, values = GRID[row]
@@ -63,7 +63,9 @@ def points(only: list[str]) -> list[tuple[str, str, dict]]:
         grids.append([(row, key, v) for v in closest_first])
     ordered = [grid[i] for i in range(max(map(len, grids), default=0)) for grid in grids if i < len(grid)]
     out = [(f"{row}_{SHORT[key]}{value:g}", row, {key: value}) for row, key, value in ordered]
-    return out + ([("no_kd", "no_kd", {})] if "no_kd" in only else [])
+    if "no_kd" not in only:
+        return out
+    return [("no_kd", "no_kd", {}), *out] if only[0] == "no_kd" else [*out, ("no_kd", "no_kd", {})]
 
 
 def kd_share(metrics: dict) -> float | None:
