@@ -68,10 +68,10 @@ def test_bench_writes_schema_table_and_plots(fake_pipeline, tmp_path, capsys):
 def test_only_picks_a_group_writes_its_own_report_and_command_line_wins(fake_pipeline, tmp_path):
     run_dir = tmp_path / "bench"
     assert main(["bench", "--run_dir", str(run_dir), "--only", "baselines", "--lab.seeds", "[0]"]) == 0
-    assert fake_pipeline == [["no_kd", "fd", "crd", "icl", "tinyclip_affinity", "openclip_distill", "cid"]]
+    assert fake_pipeline == [["no_kd", "fd", "crd", "icl", "tinyclip_affinity", "cid"]]
     assert not (run_dir / "results.json").exists()  # the full grid's report is never overwritten
     assert read_json(run_dir / "results_baselines.json")["config"]["lab"]["seeds"] == [0]
-    assert "| openclip_distill |" in (run_dir / "results_baselines.md").read_text()
+    assert "| tinyclip_affinity |" in (run_dir / "results_baselines.md").read_text()
     assert (run_dir / "accuracy_baselines.png").is_file()
 
 
@@ -102,3 +102,43 @@ def test_every_group_row_is_registered_and_chained_rows_follow_their_start():
                 assert start in trained[:i], (group, row)
             if ROWS[row].get("train.method") in ("comkd", "promptkd"):
                 assert "prompt_teacher" in trained[:i], (group, row)
+
+
+def test_gradient_shares_are_averaged_over_the_log_steps_that_have_them(tmp_path):
+    from clipdistill.lab.demo import gradient_shares
+
+    lines = [
+        {"step": 20, "loss": 3.0, "grad_share/clip": 0.2, "grad_share/kd": 0.8},
+        {"step": 40, "loss": 2.0, "grad_share/clip": 0.6, "grad_share/kd": 0.4},
+        {"step": 41, "loss": 2.0},  # a log line without shares (a run resumed with the option off)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert gradient_shares(tmp_path) == pytest.approx({"grad_share/clip": 0.4, "grad_share/kd": 0.6})
+    assert gradient_shares(tmp_path / "absent") == {}
+
+
+def test_table_shows_each_distillation_rows_gradient_shares():
+    from clipdistill.lab import format_table
+
+    results = {
+        "no_kd": {"zeroshot_top1": summarize([84.0, 85.0])},
+        "fd": {
+            "zeroshot_top1": summarize([85.0, 86.0]),
+            "grad_share/clip": summarize([0.3, 0.5]),
+            "grad_share/kd": summarize([0.7, 0.5]),
+        },
+    }
+    lines = format_table(results).splitlines()
+    assert lines[0] == "| row | zeroshot_top1 | shares |"
+    assert lines[2] == "| no_kd | 84.50 ± 0.71 |  |"
+    assert lines[3] == "| fd | 85.50 ± 0.71 | clip 0.40 kd 0.60 |"
+    assert "shares" not in format_table({"no_kd": results["no_kd"]})
+
+
+def test_distillation_rows_train_with_gradient_shares_and_no_kd_without():
+    from clipdistill.config import load_config
+    from clipdistill.lab import LAB_CONFIG, row_config
+
+    cfg = load_config(str(LAB_CONFIG))
+    assert row_config(cfg, "fd", 0).train.grad_share and row_config(cfg, "cid", 0).train.grad_share
+    assert not row_config(cfg, "no_kd", 0).train.grad_share

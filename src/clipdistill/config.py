@@ -194,14 +194,45 @@ class ClusterConfig:
     seed: int = 0
 
 
+# Each baseline at its origin's settings (docs/methods.md, "Each baseline at its origin's settings"):
+# what a DistillConfig key left at None means for that `train.method`.
+BASELINE_ORIGINS: dict[str, dict[str, Any]] = {
+    "fd": {"weight": 2000.0},  # CLIP-KD script/methods/FD.sh: --alpha_fd_loss 2000
+    "crd": {"weight": 1.0},  # CLIP-KD script/methods/CRD.sh: --alpha_ckd_loss 1 (DistillKL T=1)
+    "icl": {"weight": 1.0, "icl_own_scale": True},  # CLIP-KD ICL.sh: --alpha_icl_loss 1, cross_logit_scale
+    # TinyCLIP training/params.py: distillation_alpha 1 (the hard CLIP loss weighs 1 - alpha = 0);
+    # its scripts pass --logit-scale 50 (the student's and the teacher's logit scale)
+    "tinyclip_affinity": {"weight": 1.0, "clip_weight": 0.0, "affinity_logit_scale": 50.0},
+    "openclip_distill": {},  # open_clip's DistillClipLoss: CLIP loss + soft cross-entropy, no weight
+}
+# What a None means for a method without an origin entry for that key.
+_DISTILL_FALLBACK: dict[str, Any] = {
+    "weight": 1.0, "icl_own_scale": False, "clip_weight": 1.0, "affinity_logit_scale": 0.0,
+}  # fmt: skip
+
+
 @dataclass
 class DistillConfig:
-    """The baselines (docs/methods.md): L = L_clip + weight * L_kd (openclip_distill already holds L_clip)."""
+    """The baselines (docs/methods.md): L = clip_weight * L_clip + weight * L_kd (openclip_distill
+    already holds L_clip). A key left at None takes the method's origin value (BASELINE_ORIGINS)."""
 
-    weight: float = 1.0  # lambda of the distillation term (0 = plain CLIP)
+    weight: float | None = None  # lambda of the distillation term (0 = plain CLIP)
     teacher_logit_scale: float = 100.0  # not in the cache: CLIP's trained value
     crd_temperature: float = 1.0  # softens both similarity distributions in crd
-    icl_own_scale: bool = False  # icl: its own learnable cross-modal logit scale from 1/0.07 (CLIP-KD's code)
+    icl_own_scale: bool | None = None  # icl: its own learnable cross-modal logit scale from 1/0.07
+    clip_weight: float | None = None  # weight of the student's CLIP loss (0 = distillation alone)
+    affinity_logit_scale: float | None = None  # tinyclip_affinity: one fixed scale for both sides
+    # (0 = the student's learnable scale and teacher_logit_scale)
+
+    def for_method(self, method: str) -> DistillConfig:
+        """This config with every None replaced by `method`'s origin value."""
+        origin = BASELINE_ORIGINS.get(method, {})
+        values = {
+            f.name: getattr(self, f.name) if getattr(self, f.name) is not None
+            else origin.get(f.name, _DISTILL_FALLBACK.get(f.name))
+            for f in dataclasses.fields(self)
+        }  # fmt: skip
+        return DistillConfig(**values)
 
 
 @dataclass
@@ -230,7 +261,7 @@ NEWER_DEFAULTS = {
     "comkd": {"eduattention": "mean_text", "attention_heads": 1, "attention_temperature": 0.01,
               "ifalign_reduction": "mean", "kd_reduction": "batchmean", "student_vpt_depth": 0,
               "student_vpt_tokens": 4, "freeze_backbone": False},
-    "distill": {"icl_own_scale": False},
+    "distill": {"icl_own_scale": False, "clip_weight": 1.0, "affinity_logit_scale": 0.0},
 }  # fmt: skip
 
 

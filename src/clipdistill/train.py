@@ -35,7 +35,16 @@ from clipdistill.checkpoint import (
     save_training_state,
     write_json,
 )
-from clipdistill.config import NEWER_DEFAULTS, ConfigError, RunConfig, TrainConfig, fingerprint, to_dict
+from clipdistill.config import (
+    NEWER_DEFAULTS,
+    ConfigError,
+    DistillConfig,
+    RunConfig,
+    TrainConfig,
+    config_from_dict,
+    fingerprint,
+    to_dict,
+)
 from clipdistill.data.sampler import StepSampler
 from clipdistill.data.sources import ShardPairs, make_pair_source
 from clipdistill.data.views import apply_views, pick_views
@@ -109,6 +118,9 @@ def _fingerprinted(values: dict) -> dict:
         values[model].setdefault("precision", "fp32")
     for key in EVAL_DATA_KEYS:
         values["data"].pop(key, None)
+    if "distill" in values:  # what trains: each key left at None is the method's origin value
+        resolved = config_from_dict(values["distill"], DistillConfig).for_method(values["train"]["method"])
+        values["distill"] = to_dict(resolved)
     for section, defaults in NEWER_DEFAULTS.items():
         for key, default in defaults.items():
             if section in values and values[section].get(key) == default:

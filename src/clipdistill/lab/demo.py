@@ -6,6 +6,7 @@ only re-reads results, and a killed one continues where it stopped.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from clipdistill.config import RunConfig, fingerprint, replace, to_dict
 from clipdistill.curate.stages import run_balance, run_cluster
 from clipdistill.embed import run_embed
 from clipdistill.evaluate.run import run_eval
+from clipdistill.methods import needs_teacher_cache
 from clipdistill.runs import model_dir, seed_run_name
 from clipdistill.train import train
 
@@ -36,10 +38,13 @@ ROWS: dict[str, dict] = {
     "cid_views2": {**BALANCED_CID, "embed.views": 2},
     "cid_views4": {**BALANCED_CID, "embed.views": 4},
     "cid_ensemble": {**BALANCED_CID, "embed.ensemble": [f"{SECOND_TEACHER}/model.safetensors"]},
+    # The baselines at their validation-chosen settings (benchmarks/screen_baselines.py): where the
+    # screen chose the origin's value, the `distill` keys stay unset (docs/methods.md, "Baselines").
     "fd": {"train.method": "fd"},
     "crd": {"train.method": "crd"},
     "icl": {"train.method": "icl"},
     "tinyclip_affinity": {"train.method": "tinyclip_affinity"},
+    # CRD at its origin settings under open_clip's name: one gradient with `crd` at weight 1
     "openclip_distill": {"train.method": "openclip_distill"},
     # ComKD: `prompt_teacher` (stage 1) must come before the rows that distil from it.
     "prompt_teacher": {
@@ -80,7 +85,10 @@ def row_config(cfg: RunConfig, row: str, seed: int) -> RunConfig:
     if row not in ROWS:
         raise ValueError(f"unknown lab row {row!r}; known rows: {sorted(ROWS)}")
     name = seed_run_name(row, seed, cfg.lab.seeds)
-    return replace(cfg, {"train.name": name, "train.seed": seed, "train.role": "student", **ROWS[row]})
+    # distillation rows log each loss term's gradient share (on log steps only; training is unchanged)
+    shares = needs_teacher_cache(ROWS[row].get("train.method", cfg.train.method))
+    overrides = {"train.name": name, "train.seed": seed, "train.role": "student", "train.grad_share": shares}
+    return replace(cfg, overrides | ROWS[row])
 
 
 def _needs_clusters(cfg: RunConfig) -> bool:
@@ -88,8 +96,19 @@ def _needs_clusters(cfg: RunConfig) -> bool:
     return any(ROWS.get(row, {}).get("train.method") == "cid" for row in cfg.lab.rows)
 
 
+def gradient_shares(folder: Path) -> dict[str, float]:
+    """`grad_share/<term>` of a train folder's metrics.jsonl, averaged over the log steps that have it
+    (runs with `--train.grad_share true`); empty for a run without."""
+    path = folder / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    records = [json.loads(line) for line in lines if line.strip()]
+    keys = sorted({key for r in records for key in r if key.startswith("grad_share/")})
+    return {key: statistics.fmean(r[key] for r in records if key in r) for key in keys}
+
+
 def evaluated(cfg: RunConfig, name: str) -> dict:
-    """Eval metrics of train folder `name`, reused while the model and eval settings are unchanged."""
+    """Eval metrics of train folder `name`, reused while the model and eval settings are unchanged, with
+    its training seconds and gradient shares."""
     folder = model_dir(cfg, name)
     key = fingerprint({"done": read_json(folder / "done.json"), "eval": to_dict(cfg.eval)})
     cached = folder / "eval.json"
@@ -98,7 +117,8 @@ def evaluated(cfg: RunConfig, name: str) -> dict:
     else:
         metrics = run_eval(replace(cfg, {"train.name": name})) | {"eval_fingerprint": key}
         write_json(cached, metrics)
-    return metrics | {"train_seconds": read_json(folder / "done.json")["train_seconds"]}
+    seconds = read_json(folder / "done.json")["train_seconds"]
+    return metrics | {"train_seconds": seconds} | gradient_shares(folder)
 
 
 def train_teacher(cfg: RunConfig, seed: int = 0, name: str = "teacher") -> dict:
@@ -145,13 +165,29 @@ def run_rows(cfg: RunConfig) -> dict[str, dict]:
                 run_embed(run_cfg)
             train(run_cfg)
             per_seed.append(evaluated(run_cfg, run_cfg.train.name))
-        results[row] = {m: summarize([float(s[m]) for s in per_seed]) for m in METRICS if m in per_seed[0]}
+        keys = [m for m in METRICS if m in per_seed[0]] + share_keys(per_seed)
+        results[row] = {m: summarize([float(s[m]) for s in per_seed]) for m in keys}
     return results
 
 
+def share_keys(per_seed: list[dict]) -> list[str]:
+    """The `grad_share/<term>` keys every seed of a row logged."""
+    return sorted(set.intersection(*({k for k in s if k.startswith("grad_share/")} for s in per_seed)))
+
+
+def format_shares(row: dict) -> str:
+    """One row's mean gradient shares as `clip 0.42 kd 0.58` ("" without)."""
+    terms = [key for key in row if key.startswith("grad_share/")]
+    return " ".join(f"{key.removeprefix('grad_share/')} {row[key]['mean']:.2f}" for key in terms)
+
+
 def format_table(results: dict[str, dict]) -> str:
+    """The rows as Markdown: mean ± std of each metric, and `shares`, each loss term's mean share of the
+    gradient (rows trained with `train.grad_share`)."""
     columns = [m for m in METRICS if any(m in r for r in results.values())]
-    lines = ["| row | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    with_shares = any(format_shares(r) for r in results.values())
+    header = columns + ["shares"] * with_shares
+    lines = ["| row | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for name, row in results.items():
         cells = []
         for m in columns:
@@ -163,6 +199,8 @@ def format_table(results: dict[str, dict]) -> str:
                 cells.append(f"{row[m]['mean']:.2f} ± {row[m]['std']:.2f}")
             else:
                 cells.append(f"{row[m]['mean']:.2f}")
+        if with_shares:
+            cells.append(format_shares(row))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

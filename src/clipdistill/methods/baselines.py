@@ -1,8 +1,9 @@
 """The distillation baselines (docs/methods.md) as recipes on the shared trainer.
 
-Each is L = L_clip(student) + λ·L_kd with L_kd one loss of `clipdistill.losses.baselines`, fed
-the cached teacher rows of the batch (the teacher never runs here). open_clip's `DistillClipLoss`
-already contains the student's CLIP loss, so that recipe uses it alone.
+Each is L = w_clip·L_clip(student) + λ·L_kd with L_kd one loss of `clipdistill.losses.baselines`,
+fed the cached teacher rows of the batch (the teacher never runs here). open_clip's `DistillClipLoss`
+already contains the student's CLIP loss, so that recipe uses it alone. The `distill` keys left unset
+take each method's origin settings (`config.BASELINE_ORIGINS`).
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ _PROJECTED = ("fd", "icl")
 
 
 class BaselineTask(ClipTask):
-    """One baseline recipe; `kind` picks the distillation loss. Logs `clip` and `kd` parts.
+    """One baseline recipe; `kind` picks the distillation loss. Logs `clip` and `kd` parts (unweighted).
 
     For openclip_distill `kd` is its soft cross-entropy (the loss minus the CLIP part) and
-    `distill.weight` does not apply: open_clip's recipe has no weight.
+    `distill.weight` and `distill.clip_weight` do not apply: open_clip's recipe has no weight.
     """
 
     cache_use = CacheUse.REQUIRED
@@ -42,7 +43,7 @@ class BaselineTask(ClipTask):
         if kind not in BASELINES:
             raise ConfigError(f"unknown baseline {kind!r}; known: {BASELINES}")
         self.kind = kind
-        self.cfg = cfg
+        self.cfg = cfg = cfg.for_method(kind)
         student_dim = int(model.visual.output_dim)
         if kind == "fd":
             self.kd_loss: nn.Module = FeatureDistillLoss(student_dim, teacher_dim)
@@ -54,8 +55,18 @@ class BaselineTask(ClipTask):
             self.kd_loss = AffinityMimickingLoss()
         else:
             self.kd_loss = DistillClipLoss()
+        if not self._reads_student_scale():  # no term reads it: frozen, so DDP sees no unused parameter
+            model.logit_scale.requires_grad_(False)
         # A buffer, so it follows the task to the device; fixed because the cache does not store it.
         self.register_buffer("teacher_logit_scale", torch.tensor(cfg.teacher_logit_scale), persistent=False)
+
+    def _reads_student_scale(self) -> bool:
+        """Whether a term of the loss uses the student's learnable logit scale."""
+        if self.cfg.clip_weight != 0 or self.kind in ("crd", "openclip_distill"):
+            return True
+        if self.kind == "icl":
+            return not self.cfg.icl_own_scale
+        return self.kind == "tinyclip_affinity" and self.cfg.affinity_logit_scale == 0
 
     def distill(self, image: torch.Tensor, text: torch.Tensor, batch: dict) -> torch.Tensor:
         """The recipe's loss term on L2-normalised student embeddings and the batch's cached teacher rows."""
@@ -64,7 +75,10 @@ class BaselineTask(ClipTask):
             return self.kd_loss(image, text, t_img, t_txt)
         if self.kind == "icl":  # the student's CLIP scale, unless distill.icl_own_scale gives ICL its own
             return self.kd_loss(image, text, t_img, t_txt, self.model.logit_scale.exp())
-        return self.kd_loss(image, text, t_img, t_txt, self.model.logit_scale.exp(), self.teacher_logit_scale)
+        student_scale, teacher_scale = self.model.logit_scale.exp(), self.teacher_logit_scale
+        if self.kind == "tinyclip_affinity" and self.cfg.affinity_logit_scale > 0:  # TinyCLIP's --logit-scale
+            student_scale = teacher_scale = torch.full_like(teacher_scale, self.cfg.affinity_logit_scale)
+        return self.kd_loss(image, text, t_img, t_txt, student_scale, teacher_scale)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         image, text = self.encode(batch)
@@ -75,8 +89,10 @@ class BaselineTask(ClipTask):
             return {"loss": loss, "clip": clip.detach(), "kd": kd.detach(), "term/clip": clip, "term/kd": kd}
         clip = self.clip_loss(image, text, self.model.logit_scale.exp())
         kd = self.distill(image, text, batch)
-        loss = clip + self.cfg.weight * kd
-        terms = {"term/clip": clip, "term/kd": self.cfg.weight * kd}
+        terms = {"term/kd": self.cfg.weight * kd}
+        if self.cfg.clip_weight != 0:  # TinyCLIP's recipe drops it: then no term, no gradient
+            terms["term/clip"] = self.cfg.clip_weight * clip
+        loss = sum(terms.values())
         return {"loss": loss, "clip": clip.detach(), "kd": kd.detach(), **terms}
 
     def heads(self) -> dict[str, nn.Module]:

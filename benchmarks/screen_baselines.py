@@ -1,0 +1,189 @@
+"""Screen each distillation baseline's main weight or temperature on the lab, scored on validation.
+
+    python benchmarks/screen_baselines.py [--run-dir runs/screen_baselines] [--seeds 0,1,2]
+        [--only fd,crd] [--out benchmarks/results/screen_baselines] [--section.key value ...]
+
+The same effort CLIP-CID's K got (benchmarks/screen_cid.py): a small grid per baseline that holds the
+value of the method's own code (docs/methods.md, "Each baseline at its origin's settings"), each point
+trained over the seeds with the bench's budget and chosen by zero-shot accuracy on the validation
+split (5,000 held-out train images); the test split is evaluated as the bench does and only reported.
+`no_kd` is screened alongside as the reference. Every run logs its per-term gradient shares
+(`--train.grad_share true`), reported as `kd_share`: the distillation terms' share of the gradient.
+
+The lab teacher and its cache are trained and built in the run dir unless already there (copy a
+trained `teacher/` in to reuse it). Runs are named `screen_<point>_seed<S>` and reused when finished, so
+a killed screen continues; `<out>.json` (every run's metrics) and `<out>.md` (the table, the chosen
+value per baseline in bold) are rewritten after each run. Extra `--section.key value` pairs apply to
+every run (e.g. `--train.steps 20` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from clipdistill.checkpoint import write_json  # noqa: E402
+from clipdistill.config import BASELINE_ORIGINS, ConfigError, load_config, replace  # noqa: E402
+from clipdistill.data.lab import load_lab  # noqa: E402
+from clipdistill.embed import run_embed  # noqa: E402
+from clipdistill.evaluate.run import image_features, text_features  # noqa: E402
+from clipdistill.evaluate.zeroshot import zeroshot_accuracy  # noqa: E402
+from clipdistill.lab import LAB_CONFIG, evaluated, row_config, train_teacher  # noqa: E402
+from clipdistill.models.classifier import load_trained, zeroshot_classifier  # noqa: E402
+from clipdistill.train import train  # noqa: E402
+
+# Baseline -> (the key screened, its values). Each grid holds the origin's value (BASELINE_ORIGINS) and
+# spans it by about 3x (10x for fd's weight, whose origin value is specific to CLIP-KD's widths).
+GRID: dict[str, tuple[str, tuple[float, ...]]] = {
+    "fd": ("distill.weight", (200.0, 2000.0, 20000.0)),
+    "crd": ("distill.weight", (0.3, 1.0, 3.0)),
+    "icl": ("distill.weight", (0.3, 1.0, 3.0)),
+    "tinyclip_affinity": ("distill.affinity_logit_scale", (25.0, 50.0, 100.0)),
+}
+SHORT = {"distill.weight": "w", "distill.affinity_logit_scale": "scale"}  # in the runs' names
+KEYS = ("val_zeroshot_top1", "zeroshot_top1", "linear_probe_top1", "retrieval_i2t_r1", "kd_share")
+
+
+def points(only: list[str]) -> list[tuple[str, str, dict]]:
+    """(point name, lab row, overrides) of the screen: every baseline's origin value first (baselines in
+    the order of `only`), then the other values taking turns across baselines, `no_kd` last unless
+    listed first (a cut-short screen has whole points that matter)."""
+    grids = []
+    for row in [row for row in only if row in GRID]:  # in the order given
+        key, values = GRID[row]
+        origin = BASELINE_ORIGINS[row][key.split(".")[1]]
+        closest_first = sorted(values, key=lambda v: (v != origin, abs(v - origin)))
+        grids.append([(row, key, v) for v in closest_first])
+    ordered = [grid[i] for i in range(max(map(len, grids), default=0)) for grid in grids if i < len(grid)]
+    out = [(f"{row}_{SHORT[key]}{value:g}", row, {key: value}) for row, key, value in ordered]
+    if "no_kd" not in only:
+        return out
+    return [("no_kd", "no_kd", {}), *out] if only[0] == "no_kd" else [*out, ("no_kd", "no_kd", {})]
+
+
+def kd_share(metrics: dict) -> float | None:
+    """The distillation terms' share of the gradient: 1 - the CLIP term's share (1 without a CLIP term)."""
+    shares = {k: v for k, v in metrics.items() if k.startswith("grad_share/")}
+    if not shares:
+        return None
+    return 1.0 - shares.get("grad_share/clip", 0.0)
+
+
+def val_zeroshot(cfg, name: str, lab) -> float:
+    """Zero-shot top-1 of train folder `name` on the lab's validation split."""
+    cpu = torch.device("cpu")
+    model = load_trained(cfg, name)
+    encode_text = functools.partial(text_features, model, device=cpu)
+    classifier = zeroshot_classifier(encode_text, lab.classnames, lab.templates)
+    val = image_features(model, lab.val, cfg.eval.batch_size, cpu)
+    return zeroshot_accuracy(val, lab.val.labels, classifier)["acc1"]
+
+
+def summary(runs: list[dict]) -> dict[str, dict]:
+    """mean and std over seeds of each key the runs have."""
+    out = {}
+    for key in KEYS:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            out[key] = {"mean": statistics.fmean(values), "std": spread, "values": values}
+    return out
+
+
+def table(report: dict) -> str:
+    """The screen as Markdown: one line per point, the chosen value per baseline in bold."""
+    lines = [
+        "| baseline | setting | validation zero-shot | test zero-shot | linear probe | i2t R@1 | kd_share "
+        "| seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    order = ["no_kd", *GRID]
+    by_row = sorted(
+        report["points"].items(), key=lambda p: (order.index(p[1]["row"]), *p[1]["overrides"].values())
+    )
+    for point, entry in by_row:
+        s = entry["summary"]
+        cells = [
+            f"{s[k]['mean']:.2f} ± {s[k]['std']:.2f}" if k in s and k != "kd_share"
+            else (f"{s[k]['mean']:.2f}" if k in s else "")
+            for k in KEYS
+        ]  # fmt: skip
+        setting = ", ".join(f"{k.split('.')[1]} {v:g}" for k, v in entry["overrides"].items()) or "-"
+        origin = entry["row"] in BASELINE_ORIGINS and all(
+            BASELINE_ORIGINS[entry["row"]].get(k.split(".")[1]) == v for k, v in entry["overrides"].items()
+        )
+        setting += " (origin)" if origin else ""
+        chosen = report["chosen"].get(entry["row"]) == point
+        name = f"**{entry['row']}**" if chosen else entry["row"]
+        lines.append(f"| {name} | {setting} | " + " | ".join(cells) + f" | {len(entry['runs'])} |")
+    return "\n".join(lines)
+
+
+def choose(report: dict) -> dict[str, str]:
+    """Per baseline, the point with the best mean validation zero-shot over full seeds."""
+    best: dict[str, tuple[float, str]] = {}
+    for point, entry in report["points"].items():
+        val = entry["summary"].get("val_zeroshot_top1")
+        if entry["row"] == "no_kd" or val is None or len(entry["runs"]) < len(report["seeds"]):
+            continue
+        if entry["row"] not in best or val["mean"] > best[entry["row"]][0]:
+            best[entry["row"]] = (val["mean"], point)
+    return {row: point for row, (_, point) in best.items()}
+
+
+def document(report: dict) -> str:
+    """`<out>.md`: a title naming the seeds and the command's extra overrides, then the table."""
+    extra = " ".join(report["overrides"])
+    seeds = ", ".join(map(str, report["seeds"]))
+    title = f"# Baselines screened on validation (seeds {seeds}{'; ' + extra if extra else ''})"
+    return f"{title}\n\n{table(report)}\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run-dir", default="runs/screen_baselines")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--only", default=",".join(["no_kd", *GRID]))
+    parser.add_argument("--out", default="benchmarks/results/screen_baselines")
+    args, overrides = parser.parse_known_args()  # the rest: `--section.key value` config overrides
+    try:
+        base = load_config(str(LAB_CONFIG), ["--run_dir", args.run_dir, *overrides])
+    except ConfigError as e:
+        parser.error(str(e))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    train_teacher(base)  # reused when the run dir holds it
+    run_embed(base)
+    lab = load_lab(base.data)
+    report = {"seeds": seeds, "overrides": overrides, "grid": {r: list(v) for r, v in GRID.items()}}
+    report["points"], report["chosen"] = {}, {}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for point, row, settings in points(args.only.split(",")):
+        entry = report["points"].setdefault(point, {"row": row, "overrides": settings, "runs": []})
+        for seed in seeds:
+            name = f"screen_{point}_seed{seed}"
+            cfg = replace(row_config(base, row, seed), {"train.name": name, **settings})
+            train(cfg)
+            metrics = dict(evaluated(cfg, name))
+            metrics["val_zeroshot_top1"] = val_zeroshot(cfg, name, lab)
+            metrics["kd_share"] = kd_share(metrics) if row != "no_kd" else None
+            entry["runs"].append({"seed": seed, **{k: metrics[k] for k in KEYS}})
+            entry["summary"] = summary(entry["runs"])
+            report["chosen"] = choose(report)
+            print(name, {k: round(v, 3) for k, v in entry["runs"][-1].items() if v is not None}, flush=True)
+            write_json(out.with_suffix(".json"), report)
+            out.with_suffix(".md").write_text(document(report))
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()
