@@ -102,3 +102,20 @@ def test_every_group_row_is_registered_and_chained_rows_follow_their_start():
                 assert start in trained[:i], (group, row)
             if ROWS[row].get("train.method") in ("comkd", "promptkd"):
                 assert "prompt_teacher" in trained[:i], (group, row)
+
+
+def test_comkd_rows_share_one_target_domain():
+    """Stage 1 learns the target that stage 2 distils on and every ComKD row is scored on."""
+    from clipdistill.lab import ROWS
+    from clipdistill.lab.demo import COMKD_TARGET
+
+    comkd_rows = [
+        row for row, o in ROWS.items() if o.get("train.method") in ("prompt_teacher", "comkd", "promptkd")
+    ]
+    assert {"prompt_teacher", "promptkd", "comkd", "comkd_no_ifalign", "comkd_no_eduattention"} <= set(
+        comkd_rows
+    )
+    for row in comkd_rows:
+        assert ROWS[row]["data.domain"] == COMKD_TARGET["data.domain"] != "", row
+        assert ROWS[row]["eval.protocol"] == "all", row
+    assert all(not o.get("data.domain") for row, o in ROWS.items() if row not in comkd_rows)
