@@ -3,8 +3,8 @@
     python benchmarks/screen_comkd.py NAME ROW [--section.key value ...] [--run-dir DIR] [--seeds 0,1,2]
 
 ROW is a stage-2 row of the lab (`promptkd`, `comkd`, or an ablation). Needs a run dir holding the lab
-teacher and, for every seed, the CID student and the prompt-tuned teacher the row chains from
-(`bench --only comkd`, or `demo --lab.rows "[cid, prompt_teacher]" --lab.seeds "[0, 1, 2]"`). Trains
+teacher and, for every seed, the prompt-tuned teacher the row distils (and the student it starts from)
+(`bench --only comkd`, or `demo --lab.rows "[prompt_teacher]" --lab.seeds "[0, 1, 2]"`). Trains
 ROW with the given config overrides (typed and checked as on the `clipdistill` command line; keys the
 row itself sets win) as
 `screen_<NAME>_seed<S>`, with the per-term gradient shares on, and scores it on the target's held-out
@@ -33,6 +33,7 @@ from clipdistill.evaluate.run import evaluate_model  # noqa: E402
 from clipdistill.lab import LAB_CONFIG, ROWS, evaluated, row_config  # noqa: E402
 from clipdistill.train import train  # noqa: E402
 
+STAGE2_METHODS = ("comkd", "promptkd")
 SCORES = ("hm", "base_acc", "novel_acc", "domain_shift_avg")
 DIAGNOSTICS = ("grad_share/kd", "grad_share/align", "attention_entropy", "alpha")
 
@@ -61,7 +62,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("name")
-    parser.add_argument("row", choices=[r for r, o in ROWS.items() if o.get("comkd.student_init")])
+    parser.add_argument(
+        "row", choices=[r for r, o in ROWS.items() if o.get("train.method") in STAGE2_METHODS]
+    )
     parser.add_argument("--run-dir", default="runs/bench")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "screen_comkd"))

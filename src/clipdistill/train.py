@@ -97,8 +97,10 @@ def _fingerprinted(values: dict) -> dict:
     if values["train"].get("optimizer") == "adamw":  # the default that predates the key: old runs still match
         values["train"].pop("optimizer")
     if values["data"]["kind"] != "paper":  # keys only paper data reads, newer than the others' runs
+        lab_stage1 = values["data"]["kind"] == "lab" and values["train"]["method"] == "prompt_teacher"
         for key in PAPER_DATA_KEYS:
-            values["data"].pop(key, None)
+            if not (lab_stage1 and key == "shots"):  # the lab's stage 1 reads its shots too
+                values["data"].pop(key, None)
     for model in ("teacher", "student"):  # a key that was never read, since removed: older runs still match
         values[model].setdefault("precision", "fp32")
     for key in EVAL_DATA_KEYS:

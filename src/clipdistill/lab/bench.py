@@ -30,12 +30,12 @@ GROUPS = {
     ],
     "baselines": ["no_kd", "fd", "crd", "icl", "tinyclip_affinity", "openclip_distill", "cid"],
     "comkd": [
-        "no_kd", "cid", "teacher_zeroshot", "prompt_teacher", "student_zeroshot", "promptkd", "comkd",
+        "cid", "teacher_zeroshot", "prompt_teacher", "student_zeroshot", "promptkd", "comkd",
         "comkd_no_ifalign", "comkd_no_eduattention",
     ],
     # ComKD's other protocol (not in the grid's 60 minutes): stage 2 on base-class images only.
     "comkd_protocols": [
-        "no_kd", "cid", "prompt_teacher", "student_zeroshot", "promptkd", "comkd", "promptkd_inductive",
+        "cid", "prompt_teacher", "student_zeroshot", "promptkd", "comkd", "promptkd_inductive",
         "comkd_inductive",
     ],
 }  # fmt: skip
