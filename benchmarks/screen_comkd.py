@@ -11,7 +11,8 @@ row itself sets win) as
 validation images: base/novel/HM there and accuracy under the other shifts of the clean validation
 images. Those are the numbers settings are chosen by. The test split is evaluated as the bench does and
 kept next to them, never read for the choice. Writes `<out>/<NAME>.json` (per seed: validation and test
-metrics, the gradient diagnostics averaged over the log steps) and prints a mean ± std line per number.
+metrics, the gradient diagnostics averaged over the log steps; seeds of an earlier call with the same
+setting are kept) and prints a mean ± std line per number over the seeds in it.
 
 Example (ComKD's λ_align):
     .venv/bin/python benchmarks/screen_comkd.py comkd_align0.1 comkd --comkd.lambda_align 0.1
@@ -27,7 +28,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from clipdistill.checkpoint import write_json  # noqa: E402
+from clipdistill.checkpoint import read_json, write_json  # noqa: E402
 from clipdistill.config import ConfigError, load_config, replace  # noqa: E402
 from clipdistill.evaluate.run import evaluate_model  # noqa: E402
 from clipdistill.lab import LAB_CONFIG, ROWS, evaluated, row_config  # noqa: E402
@@ -88,9 +89,16 @@ def main() -> None:
         record |= diagnostics(Path(cfg.run_dir) / name / "metrics.jsonl")
         per_seed.append(record)
         print(name, {k: round(v, 3) for k, v in record.items()}, flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"{args.name}.json", {"row": args.row, "overrides": overrides, "seeds": per_seed})
+    out = Path(args.out) / f"{args.name}.json"
+    if out.is_file():  # seeds screened by an earlier call with the same setting are kept
+        earlier = read_json(out)
+        if (earlier["row"], earlier["overrides"]) == (args.row, overrides):
+            ran = {r["seed"] for r in per_seed}
+            per_seed = sorted(
+                [r for r in earlier["seeds"] if r["seed"] not in ran] + per_seed, key=lambda r: r["seed"]
+            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, {"row": args.row, "overrides": overrides, "seeds": per_seed})
     keys = [f"val_{k}" for k in SCORES] + [f"test_{k}" for k in SCORES] + list(DIAGNOSTICS)
     for key in keys:
         print(f"{args.name} {key}: {summary(per_seed, key)}", flush=True)

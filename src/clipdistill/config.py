@@ -111,6 +111,7 @@ class EmbedConfig:
 class EvalConfig:
     model: str = ""  # a train folder name under the run dir, or "teacher"
     batch_size: int = 512
+    linear_probe: bool = True  # fit and score the linear probe (test split only)
     linear_probe_train: int = 10000  # train images used to fit the probe
     retrieval_size: int = 1000  # test images (and their captions) in the retrieval gallery
     protocol: Protocol = "standard"

@@ -106,3 +106,8 @@ def test_val_split_and_target_domain_score_their_own_images(trained, monkeypatch
     shifted = [images for _, images, shift in scored if shift is not None]
     assert len(unshifted) == 1 and torch.equal(unshifted[0], target.images[:4])
     assert shifted and all(torch.equal(images, clean.images[:4]) for images in shifted)
+
+
+def test_linear_probe_can_be_left_out(trained):
+    metrics = evaluate_model(replace(trained, {"eval.linear_probe": False}), "clip")
+    assert "linear_probe_top1" not in metrics and {"zeroshot_top1", "retrieval_i2t_r1"} <= set(metrics)

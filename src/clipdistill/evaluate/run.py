@@ -121,7 +121,7 @@ def evaluate_model(cfg: RunConfig, name: str) -> dict:
         "zeroshot_top1": zs["acc1"],
         "zeroshot_top5": zs["acc5"],
     }
-    if ec.split == "test":
+    if ec.split == "test" and ec.linear_probe:
         train = features("train", ec.linear_probe_train)
         val = features("val")
         probe = linear_probe(
