@@ -5,8 +5,8 @@
 ROW is a stage-2 row of the lab (`promptkd`, `comkd`, or an ablation). Needs a run dir holding the lab
 teacher and, for every seed, the prompt-tuned teacher the row distils (and the student it starts from)
 (`bench --only comkd`, or `demo --lab.rows "[prompt_teacher]" --lab.seeds "[0, 1, 2]"`). Trains
-ROW with the given config overrides (typed and checked as on the `clipdistill` command line; keys the
-row itself sets win) as
+ROW with the given config overrides (typed and checked as on the `clipdistill` command line, over the
+row's own settings) as
 `screen_<NAME>_seed<S>`, with the per-term gradient shares on, and scores it on the target's held-out
 validation images: base/novel/HM there and accuracy under the other shifts of the clean validation
 images. Those are the numbers settings are chosen by. The test split is evaluated as the bench does and
@@ -76,10 +76,17 @@ def main() -> None:
         )
     except ConfigError as e:
         parser.error(str(e))
+    # the screened keys, typed as the config read them, go over the row's own settings
+    screened = {}
+    for key in (flag.removeprefix("--") for flag in overrides[::2]):
+        section, _, name = key.partition(".")
+        screened[key] = getattr(getattr(base, section), name)
     per_seed = []
     for seed in (int(s) for s in args.seeds.split(",")):
         name = f"screen_{args.name}_seed{seed}"
-        cfg = replace(row_config(base, args.row, seed), {"train.name": name, "train.grad_share": True})
+        cfg = replace(
+            row_config(base, args.row, seed), {**screened, "train.name": name, "train.grad_share": True}
+        )
         train(cfg)
         test = evaluated(cfg, name)
         val = evaluate_model(replace(cfg, {"eval.split": "val"}), name)
