@@ -142,3 +142,20 @@ def test_distillation_rows_train_with_gradient_shares_and_no_kd_without():
     cfg = load_config(str(LAB_CONFIG))
     assert row_config(cfg, "fd", 0).train.grad_share and row_config(cfg, "cid", 0).train.grad_share
     assert not row_config(cfg, "no_kd", 0).train.grad_share
+
+
+def test_comkd_rows_share_one_target_domain():
+    """Stage 1 learns the target that stage 2 distils on and every ComKD row is scored on."""
+    from clipdistill.lab import ROWS
+    from clipdistill.lab.demo import COMKD_TARGET
+
+    comkd_rows = [
+        row for row, o in ROWS.items() if o.get("train.method") in ("prompt_teacher", "comkd", "promptkd")
+    ]
+    assert {"prompt_teacher", "promptkd", "comkd", "comkd_no_ifalign", "comkd_no_eduattention"} <= set(
+        comkd_rows
+    )
+    for row in comkd_rows:
+        assert ROWS[row]["data.domain"] == COMKD_TARGET["data.domain"] != "", row
+        assert ROWS[row]["eval.protocol"] in ("all", "base_to_novel"), row
+    assert all(not o.get("data.domain") for row, o in ROWS.items() if row not in comkd_rows)

@@ -37,6 +37,7 @@ Method = Literal[  # methods/__init__.py registers one Task per name
 Optimizer = Literal["adamw", "sgd"]
 Resume = Literal["auto", "never"]
 Protocol = Literal["standard", "base_to_novel", "domain", "all"]
+EvalSplit = Literal["test", "val"]
 Suite = Literal["", "base_to_novel", "cross_dataset", "domain_generalization", "linear_probe"]
 ExportFormat = Literal["open_clip", "onnx", "all"]
 EduAttentionKind = Literal["mean_text", "cross"]  # losses/comkd.py
@@ -62,7 +63,7 @@ class DataConfig:
     classnames: str = ""  # own-data eval: class names, one per line, or JSON {"classnames", "templates"}
     domain: Domain = ""  # lab: a target domain, every image shifted (inverted, rotated, blurred, ...)
     dataset: str = ""  # paper: the dataset's name (clipdistill.data.paper.DATASETS), its train split is read
-    shots: int = 16  # paper: labelled images per base class for ComKD stage 1 (CoOp's draw; 0 = all)
+    shots: int = 16  # lab, paper: labelled images per base class for ComKD stage 1 (CoOp's draw; 0 = all)
 
 
 @dataclass
@@ -119,9 +120,11 @@ class EmbedConfig:
 class EvalConfig:
     model: str = ""  # a train folder name under the run dir, or "teacher"
     batch_size: int = 512
+    linear_probe: bool = True  # fit and score the linear probe (test split only)
     linear_probe_train: int = 10000  # train images used to fit the probe
     retrieval_size: int = 1000  # test images (and their captions) in the retrieval gallery
     protocol: Protocol = "standard"
+    split: EvalSplit = "test"  # lab: val scores the held-out validation images (to choose settings on)
     device: str = "auto"
     suite: Suite = ""  # a paper suite (base_to_novel, cross_dataset, ...): one table over its datasets
     suite_root: str = ""  # the folder holding the suite's dataset folders (CoOp's DATASET.ROOT)

@@ -49,7 +49,7 @@ from clipdistill.data.sampler import StepSampler
 from clipdistill.data.sources import ShardPairs, make_pair_source
 from clipdistill.data.views import apply_views, pick_views
 from clipdistill.distributed import DistInfo, all_reduce_mean, init_distributed, resolve_device
-from clipdistill.methods import method_sections, task_class
+from clipdistill.methods import method_lab_data_keys, method_sections, task_class
 from clipdistill.methods.task import TERM, CacheUse, Task, loss_terms
 from clipdistill.models.factory import create_student, create_teacher
 from clipdistill.runs import cache_dir, data_id, output_dir, run_path, sweep_temps
@@ -112,8 +112,10 @@ def _fingerprinted(values: dict) -> dict:
     if values["train"].get("optimizer") == "adamw":  # the default that predates the key: old runs still match
         values["train"].pop("optimizer")
     if values["data"]["kind"] != "paper":  # keys only paper data reads, newer than the others' runs
+        read = method_lab_data_keys(values["train"]["method"]) if values["data"]["kind"] == "lab" else ()
         for key in PAPER_DATA_KEYS:
-            values["data"].pop(key, None)
+            if key not in read:
+                values["data"].pop(key, None)
     for model in ("teacher", "student"):  # a key that was never read, since removed: older runs still match
         values[model].setdefault("precision", "fp32")
     for key in EVAL_DATA_KEYS:

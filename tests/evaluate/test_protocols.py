@@ -64,6 +64,19 @@ def test_domain_shift_columns_and_average():
     assert out["domain_shift_avg"] == pytest.approx(100.0 / len(DOMAIN_SHIFTS))
 
 
+def test_domain_shift_leaves_out_the_target_domain():
+    labels = torch.tensor([0, 1])
+    seen = []
+
+    def logits_of(shift):
+        seen.append(shift)
+        return torch.nn.functional.one_hot(labels, 2).float()
+
+    out = domain_shift(logits_of, labels, skip="low_contrast")
+    assert "domain_low_contrast" not in out and len(seen) == len(DOMAIN_SHIFTS) - 1
+    assert DOMAIN_SHIFTS["low_contrast"] not in seen and out["domain_shift_avg"] == 100.0
+
+
 def test_cli_protocol_flag_sets_eval_protocol(capsys):
     from clipdistill.cli import main
 

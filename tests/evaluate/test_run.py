@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clipdistill.config import ConfigError, load_config
+from clipdistill.config import ConfigError, load_config, replace
+from clipdistill.data.lab import load_lab
 from clipdistill.evaluate.run import evaluate_model, run_eval
 from clipdistill.models.classifier import load_trained
 from clipdistill.models.factory import count_parameters
@@ -78,3 +79,35 @@ def test_teacher_eval_features_are_computed_once_per_tower(trained, monkeypatch)
     torch.manual_seed(1)  # another tower: its features are not the memo's
     with pytest.raises(AssertionError, match="computed again"):
         evaluate_model(trained, "teacher")
+
+
+def test_val_split_and_target_domain_score_their_own_images(trained, monkeypatch):
+    """`eval.split val` scores the validation images (no probe, no retrieval: they need test); on a
+    target domain the domain shifts are the other shifts of the clean images."""
+    import clipdistill.evaluate.run as run_module
+
+    scored = []
+    encode = run_module.image_features
+
+    def spy(loaded, split, batch_size, device, limit=0, desc="", shift=None):
+        scored.append((len(split), split.images[:4].clone(), shift))
+        return encode(loaded, split, batch_size, device, limit, desc, shift)
+
+    monkeypatch.setattr(run_module, "image_features", spy)
+    cfg = replace(trained, {"eval.split": "val", "eval.protocol": "all", "data.domain": "low_contrast"})
+    metrics = evaluate_model(cfg, "clip")
+    assert "linear_probe_top1" not in metrics and "retrieval_i2t_r1" not in metrics
+    assert {"hm", "domain_inverted", "domain_shift_avg"} <= set(metrics)
+    assert "domain_low_contrast" not in metrics
+    val_size = trained.data.val_size
+    assert all(n == val_size for n, _, _ in scored)  # every feature is of a validation image
+    target, clean = load_lab(cfg.data).val, load_lab(trained.data).val
+    unshifted = [images for _, images, shift in scored if shift is None]
+    shifted = [images for _, images, shift in scored if shift is not None]
+    assert len(unshifted) == 1 and torch.equal(unshifted[0], target.images[:4])
+    assert shifted and all(torch.equal(images, clean.images[:4]) for images in shifted)
+
+
+def test_linear_probe_can_be_left_out(trained):
+    metrics = evaluate_model(replace(trained, {"eval.linear_probe": False}), "clip")
+    assert "linear_probe_top1" not in metrics and {"zeroshot_top1", "retrieval_i2t_r1"} <= set(metrics)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import sys
 import time
@@ -92,33 +93,42 @@ def evaluate_model(cfg: RunConfig, name: str) -> dict:
     classifier, _ = scorer.weights(lab.classnames, lab.templates)
     class_features = scorer.class_features
 
+    # a lab target domain is scored on its own images, and under the other shifts of the clean images
+    clean = load_lab(dataclasses.replace(cfg.data, domain="")) if cfg.data.domain else lab
+    shift_names = {shift: shift_name for shift_name, shift in DOMAIN_SHIFTS.items()}
+
     def features(split: str, limit: int = 0, shift=None) -> torch.Tensor:
-        shift_name = shift_names.get(shift, "none")
+        source = lab if shift is None else clean
+        shift_name = shift_names.get(shift, "none") + ("_clean" if source is not lab else "")
         path = memo / f"{split}_{limit}_{shift_name}_{ec.batch_size}.npy" if memo is not None else None
         if path is not None and path.is_file():
             return torch.from_numpy(np.load(path, allow_pickle=False))
         desc = split if shift is None else f"{split} {shift_name}"
-        feats = image_features(loaded, getattr(lab, split), ec.batch_size, device, limit, desc, shift)
+        feats = image_features(loaded, getattr(source, split), ec.batch_size, device, limit, desc, shift)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_npy(path, feats.numpy())
         return feats
 
-    shift_names = {shift: shift_name for shift_name, shift in DOMAIN_SHIFTS.items()}
-    test = features("test")
-    zs = zeroshot_accuracy(class_features(test), lab.test.labels, classifier)
-    train = features("train", ec.linear_probe_train)
-    val = features("val")
-    probe = linear_probe(train, lab.train.labels[: len(train)], val, lab.val.labels, test, lab.test.labels)
+    # `eval.split val` scores the validation images instead of the test ones: what settings are chosen
+    # on. The linear probe chooses its C on them and retrieval reads test captions: test only.
+    scored = getattr(lab, ec.split)
+    test = features(ec.split)
+    zs = zeroshot_accuracy(class_features(test), scored.labels, classifier)
     metrics = {
         # a ComKD student deploys its image tower and head only (no text tower)
         "params": scorer.params,
         "zeroshot_top1": zs["acc1"],
         "zeroshot_top5": zs["acc5"],
-        "linear_probe_top1": probe["acc1"],
-        "linear_probe_c": probe["best_c"],
     }
-    if scorer.has_text_tower:  # retrieval needs one
+    if ec.split == "test" and ec.linear_probe:
+        train = features("train", ec.linear_probe_train)
+        val = features("val")
+        probe = linear_probe(
+            train, lab.train.labels[: len(train)], val, lab.val.labels, test, lab.test.labels
+        )
+        metrics |= {"linear_probe_top1": probe["acc1"], "linear_probe_c": probe["best_c"]}
+    if scorer.has_text_tower and ec.split == "test":  # retrieval needs one
         k = ec.retrieval_size
         retrieval = retrieval_recall(
             test[:k],
@@ -136,14 +146,14 @@ def evaluate_model(cfg: RunConfig, name: str) -> dict:
     if ec.protocol in ("base_to_novel", "all"):
         base, novel = base_novel_split(len(lab.classnames), cfg.comkd.base_fraction, cfg.comkd.split_seed)
         logits = predict_with_classifier(class_features(test), classifier)
-        metrics |= base_to_novel(logits, lab.test.labels, base, novel)
+        metrics |= base_to_novel(logits, scored.labels, base, novel)
     if ec.protocol in ("domain", "all"):
 
         def shifted_logits(shift) -> torch.Tensor:
-            feats = features("test", shift=shift)
+            feats = features(ec.split, shift=shift)
             return predict_with_classifier(class_features(feats), classifier)
 
-        metrics |= domain_shift(shifted_logits, lab.test.labels)
+        metrics |= domain_shift(shifted_logits, scored.labels, skip=cfg.data.domain)
     return metrics | {"eval_seconds": round(time.time() - start, 2)}
 
 
@@ -159,7 +169,7 @@ def run_eval(cfg: RunConfig) -> dict:
         where = cfg.data.path
     else:
         metrics = evaluate_model(cfg, name)
-        where = f"the {cfg.data.kind} test split"
+        where = f"the {cfg.data.kind} {cfg.eval.split} split"
     if metrics.get("note"):
         print(f"clipdistill eval: note: {metrics['note']}", file=sys.stderr)
     # only now, so that a refused eval leaves the previous results and creates no folder

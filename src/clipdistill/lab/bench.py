@@ -32,16 +32,16 @@ GROUPS = {
     # openclip_distill is crd at its origin settings (one gradient, docs/methods.md): not trained twice
     "baselines": ["no_kd", "fd", "crd", "icl", "tinyclip_affinity", "cid"],
     "comkd": [
-        "no_kd", "cid", "teacher_zeroshot", "prompt_teacher", "student_zeroshot", "promptkd", "comkd",
+        "cid", "teacher_zeroshot", "prompt_teacher", "student_zeroshot", "promptkd", "comkd",
         "comkd_no_ifalign", "comkd_no_eduattention",
     ],
     # The reinforced cache (not in the grid's 60 minutes: a second teacher and two more caches), N of
     # cid_views chosen on validation by benchmarks/screen_views.py.
     "reinforced": ["no_kd", "cid_balanced", "cid_views", "cid_ensemble"],
-    # ComKD's other protocols (not in the grid's 60 minutes): inductive stage 2, cross-dataset.
+    # ComKD's other protocol (not in the grid's 60 minutes): stage 2 on base-class images only.
     "comkd_protocols": [
-        "no_kd", "cid", "prompt_teacher", "student_zeroshot", "promptkd", "comkd", "promptkd_inductive",
-        "comkd_inductive", "promptkd_cross", "comkd_cross",
+        "cid", "prompt_teacher", "student_zeroshot", "promptkd", "comkd", "promptkd_inductive",
+        "comkd_inductive",
     ],
 }  # fmt: skip
 # What `bench` changes in the config it is given, before the user's own overrides.

@@ -20,13 +20,25 @@ from clipdistill.methods import needs_teacher_cache
 from clipdistill.runs import model_dir, seed_run_name
 from clipdistill.train import train
 
-# ComKD stage 2 starts from the CID student of the same seed: the two methods chain.
-STAGE2 = {"comkd.student_init": "cid", "eval.protocol": "all"}
-CROSS = {"data.domain": "blurred", "eval.protocol": "base_to_novel"}
 # The reinforced cache's rows: CID on the balanced subset with N views per image, or with a second lab
 # teacher (trained here with seed 1) in an ensemble; clusters and balance come from the plain cache.
 BALANCED_CID = {"train.method": "cid", "train.subset": "balance/kept.npy"}
 SECOND_TEACHER = "teacher_seed1"
+# ComKD's lab: a target domain on which the hand-prompted teacher (trained on clean images) is weak.
+# Stage 1 learns the target from `data.shots` labelled images per base class, stage 2 distils on the
+# target's unlabeled train images (10,000 of them) from the untrained student; both are scored on its
+# test images (base/novel/HM) and on the other shifts of the clean test images (domain shift). Settings
+# are chosen on its validation images, which no stage trains on.
+# (Its table reports no linear probe: it is not fitted.)
+COMKD_TARGET = {
+    "data.domain": "low_contrast",
+    "data.train_size": 10000,
+    "eval.protocol": "all",
+    "eval.linear_probe": False,
+}
+STAGE2 = COMKD_TARGET
+# PromptKD's learning rate, chosen on the target's validation images (benchmarks/README.md)
+PROMPTKD = {"train.method": "promptkd", "train.lr": 0.001}
 # Row name -> config overrides as dotted `section.key` (method and, for ablations, its settings).
 ROWS: dict[str, dict] = {
     "no_kd": {"train.method": "clip"},
@@ -51,20 +63,21 @@ ROWS: dict[str, dict] = {
         "train.role": "teacher",
         "train.method": "prompt_teacher",
         "train.steps": 200,
+        "train.batch_size": 32,  # 16 shots of each of the 5 base classes: 80 labelled images
         "train.weight_decay": 0.0,
-        "eval.protocol": "all",
+        "data.shots": 16,
+        "comkd.vpt_depth": 6,
+        "comkd.vpt_tokens": 4,
+        **COMKD_TARGET,
+        "eval.protocol": "base_to_novel",  # stage 1 is about the target: no shifts of the clean images
     },
     "student_zeroshot": {"train.method": "comkd", "train.steps": 0, **STAGE2},  # before stage 2
-    "promptkd": {"train.method": "promptkd", **STAGE2},
+    "promptkd": {**PROMPTKD, **STAGE2},
     "comkd": {"train.method": "comkd", **STAGE2},
     "comkd_no_ifalign": {"train.method": "comkd", "comkd.use_ifalign": False, **STAGE2},
     "comkd_no_eduattention": {"train.method": "comkd", "comkd.use_eduattention": False, **STAGE2},
     "comkd_inductive": {"train.method": "comkd", "comkd.inductive": True, **STAGE2},
-    "promptkd_inductive": {"train.method": "promptkd", "comkd.inductive": True, **STAGE2},
-    # Cross-dataset: distil on a target set's unlabeled images (the blurred lab, its own cache),
-    # evaluate on its test split.
-    "promptkd_cross": {"train.method": "promptkd", **STAGE2, **CROSS},
-    "comkd_cross": {"train.method": "comkd", **STAGE2, **CROSS},
+    "promptkd_inductive": {**PROMPTKD, "comkd.inductive": True, **STAGE2},
 }
 METRICS = (
     "params",
@@ -148,12 +161,13 @@ def summarize(values: list[float]) -> dict:
 
 def run_rows(cfg: RunConfig) -> dict[str, dict]:
     """Train and evaluate every configured row for every seed; returns per-row metric summaries."""
-    comkd_lab = any(ROWS.get(row, {}).get("eval.protocol") == "all" for row in cfg.lab.rows)
-    teacher = evaluated(replace(cfg, {"eval.protocol": "all"}) if comkd_lab else cfg, "teacher")
+    teacher = evaluated(cfg, "teacher")
     results = {"teacher": {m: summarize([teacher[m]]) for m in METRICS if m in teacher}}
-    if comkd_lab:  # the hand-prompted teacher's base/novel/domain scores: the row stage 1 improves on
+    if any(ROWS.get(row, {}).get("train.method") == "prompt_teacher" for row in cfg.lab.rows):
+        # the hand-prompted teacher on ComKD's target: the row stage 1 improves on
+        target = evaluated(replace(cfg, COMKD_TARGET), "teacher")
         protocol = ("zeroshot_top1", "base_acc", "novel_acc", "hm", "domain_shift_avg")
-        results["teacher_zeroshot"] = {m: summarize([teacher[m]]) for m in protocol}
+        results["teacher_zeroshot"] = {m: summarize([target[m]]) for m in protocol}
     for row in cfg.lab.rows:
         per_seed = []
         for seed in cfg.lab.seeds:

@@ -39,6 +39,11 @@ def method_sections(method: str) -> tuple[str, ...]:
     return METHODS[method].sections if method in METHODS else ()
 
 
+def method_lab_data_keys(method: str) -> tuple[str, ...]:
+    """Keys of the papers' data section `method` reads on the lab too (part of its run's fingerprint)."""
+    return METHODS[method].lab_data_keys if method in METHODS else ()
+
+
 def needs_teacher_cache(method: str) -> bool:
     return task_class(method).cache_use is CacheUse.REQUIRED
 

@@ -1,10 +1,11 @@
 """The labelled side of the training data, which only ComKD reads: stage 1 learns from labels, and the
 inductive variant keeps the images of base classes.
 
-Rows are those of the training source (and so of the teacher cache). On the lab every train image is
-labelled and the base classes are a seeded half (`comkd.base_fraction`, `comkd.split_seed`); on a
-paper dataset the base classes are CoOp's first half, the labelled images CoOp's few-shot draw of them
-(`data.shots` per class, seeded by `train.seed`), as `eval --suite base_to_novel` scores them.
+Rows are those of the training source (and so of the teacher cache). On the lab the base classes are
+a seeded half (`comkd.base_fraction`, `comkd.split_seed`) and the labelled images a seeded draw of
+`data.shots` per base class (`train.seed`; 0 = every image); on a paper dataset the base classes are
+CoOp's first half, the labelled images CoOp's few-shot draw of them (`data.shots` per class, seeded by
+`train.seed`), as `eval --suite base_to_novel` scores them.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def labelled_train(cfg: RunConfig) -> LabelledTrain:
     if cfg.data.kind == "lab":
         lab = load_lab(cfg.data)
         base, _ = base_novel_split(len(lab.classnames), cfg.comkd.base_fraction, cfg.comkd.split_seed)
-        return LabelledTrain(list(lab.classnames), lab.train.labels, base, None)
+        labelled = lab_shots(lab.train.labels.numpy(), base, cfg.data.shots, cfg.train.seed)
+        return LabelledTrain(list(lab.classnames), lab.train.labels, base, labelled)
     if cfg.data.kind == "paper":
         full = paper_split(cfg.data, "train", None)
         protocol = {"shots": cfg.data.shots, "seed": cfg.train.seed, "subsample": "base"}
@@ -50,3 +52,13 @@ def labelled_train(cfg: RunConfig) -> LabelledTrain:
         "ComKD's stage 1 and inductive variant need class labels: data.kind lab or paper, "
         f"not {cfg.data.kind!r}"
     )
+
+
+def lab_shots(labels: np.ndarray, base: list[int], shots: int, seed: int) -> np.ndarray | None:
+    """Sorted rows of `shots` images per base class (all of a class that has fewer), drawn without
+    replacement; None (every row) for shots 0."""
+    if shots <= 0:
+        return None
+    rng = np.random.default_rng(seed)
+    rows = [np.flatnonzero(labels == c) for c in base]
+    return np.sort(np.concatenate([rng.choice(r, size=min(shots, len(r)), replace=False) for r in rows]))

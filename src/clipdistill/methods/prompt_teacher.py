@@ -41,6 +41,7 @@ class PromptTeacherTask(Task):
     cache_use = CacheUse.OPTIONAL
     sections = ("comkd",)
     adapts_pretrained_teacher = True
+    lab_data_keys = ("shots",)  # the lab's stage 1 learns from data.shots images per base class
 
     def __init__(
         self,

@@ -52,6 +52,8 @@ class Task(nn.Module):
     sections: ClassVar[tuple[str, ...]] = ()  # config sections it reads besides data, models, train
     # adapts a pretrained teacher around its frozen weights (prompt tuning): the teacher must carry weights
     adapts_pretrained_teacher: ClassVar[bool] = False
+    # keys of the papers' data section it reads on the lab too (part of its run's fingerprint there)
+    lab_data_keys: ClassVar[tuple[str, ...]] = ()
     model: nn.Module
 
     @classmethod
