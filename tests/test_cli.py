@@ -44,3 +44,10 @@ def test_usage_names_every_stage_including_the_path_commands(capsys):
         "embed-images",
     ):
         assert stage in usage
+
+
+def test_every_bench_group_is_a_choice_of_only():
+    from clipdistill.cli import BENCH_GROUPS
+    from clipdistill.lab.bench import GROUPS
+
+    assert set(BENCH_GROUPS) == set(GROUPS)
