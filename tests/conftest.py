@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -142,3 +144,27 @@ def run_cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "clipdistill.cli", *args], capture_output=True, text=True, **kwargs
     )
+
+
+def kill_embed_after_a_shard(args: list[str], folder: Path, shard_delay: float) -> int:
+    """Start `clipdistill embed ARGS` with every shard slowed by `shard_delay` s, kill -9 it once
+    `folder` holds a finished shard, and return how many shards it had finished."""
+    slow_embed = (
+        "import sys, time, clipdistill.cache as c; f = c.embed_shard; "
+        f"c.embed_shard = lambda *a: (time.sleep({shard_delay}), f(*a))[1]; "
+        "from clipdistill.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", slow_embed, "embed", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        while not list(folder.glob("shard_*.json")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "embed finished before it could be killed"
+    return len(list(folder.glob("shard_*.json")))

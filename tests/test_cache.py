@@ -1,7 +1,3 @@
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +12,9 @@ from clipdistill.data.sources import make_pair_source
 from clipdistill.embed import run_embed
 from clipdistill.models.factory import create_model, create_teacher
 from clipdistill.runs import cache_dir, data_id
-from conftest import pairs_overrides, run_cli, write_pairs
+from conftest import kill_embed_after_a_shard, pairs_overrides, run_cli, write_pairs
 
 NUM_SHARDS = 8  # 512 generated pairs in shards of 64
-
-# `clipdistill embed` with every shard slowed down, so that a kill lands mid-way
-SLOW_EMBED = (
-    "import sys, time, clipdistill.cache as c; f = c.embed_shard; "
-    "c.embed_shard = lambda *a: (time.sleep(0.25), f(*a))[1]; "
-    "from clipdistill.cli import main; sys.exit(main(sys.argv[1:]))"
-)
 
 
 @pytest.fixture(scope="module")
@@ -71,20 +60,7 @@ def test_kill_9_then_rerun_is_byte_identical(tmp_path, built, pairs, teacher_wei
     cfg, _ = built
     args = _args(tmp_path / "killed", pairs, teacher_weights)
     folder = tmp_path / "killed" / "cache"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_EMBED, "embed", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.time() + 60
-        while not list(folder.glob("shard_*.json")) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "embed finished before it could be killed"
-    done = len(list(folder.glob("shard_*.json")))
+    done = kill_embed_after_a_shard(args, folder, shard_delay=0.25)
     assert 1 <= done < NUM_SHARDS
     with pytest.raises(FileNotFoundError, match="incomplete"):
         TeacherCache(folder)

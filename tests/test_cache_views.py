@@ -4,10 +4,6 @@ multi-view embed resumes to the same bytes."""
 
 import hashlib
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +19,11 @@ from clipdistill.data.views import apply_views, view_params
 from clipdistill.embed import run_embed
 from clipdistill.models.factory import create_model, create_teacher
 from clipdistill.runs import cache_dir, data_id
-from conftest import pairs_overrides, run_cli, write_pairs
+from conftest import kill_embed_after_a_shard, pairs_overrides, run_cli, write_pairs
 
 NUM_SHARDS = 4  # 256 generated pairs in shards of 64
 VIEWS = ("--embed.views", "3", "--embed.view_min_scale", "0.4", "--embed.view_seed", "5")
 OLD_META_KEYS = {"fingerprint", "model_id", "data_id", "num_samples", "image_dim", "text_dim", "shard_size"}
-SLOW_EMBED = (
-    "import sys, time, clipdistill.cache as c; f = c.embed_shard; "
-    "c.embed_shard = lambda *a: (time.sleep(0.4), f(*a))[1]; "
-    "from clipdistill.cli import main; sys.exit(main(sys.argv[1:]))"
-)
 
 
 @pytest.fixture(scope="module")
@@ -153,20 +144,7 @@ def test_kill_9_then_rerun_of_a_views_cache_is_byte_identical(setup, views, tmp_
     cfg, _ = views
     args = _args(setup, tmp_path / "killed", *VIEWS)
     folder = tmp_path / "killed" / "cache_views3"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_EMBED, "embed", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.time() + 60
-        while not list(folder.glob("shard_*.json")) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "embed finished before it could be killed"
-    done = len(list(folder.glob("shard_*.json")))
+    done = kill_embed_after_a_shard(args, folder, shard_delay=0.4)
     assert 1 <= done < NUM_SHARDS
     rerun = run_cli(["embed", *args], timeout=120)
     assert rerun.returncode == 0, rerun.stderr
