@@ -168,3 +168,15 @@ def kill_embed_after_a_shard(args: list[str], folder: Path, shard_delay: float) 
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "embed finished before it could be killed"
     return len(list(folder.glob("shard_*.json")))
+
+
+def cached_pair_batch(size: int = 6, dim: int = 16, seed: int = 4) -> dict:
+    """A random batch of images, tokens and unit-norm cached teacher embeddings, as `train` gives a
+    task that reads the teacher cache."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "image": torch.randn(size, 3, 32, 32, generator=g),
+        "text": torch.randint(1, 100, (size, 16), generator=g),
+        "teacher_image": torch.nn.functional.normalize(torch.randn(size, dim, generator=g), dim=-1),
+        "teacher_text": torch.nn.functional.normalize(torch.randn(size, dim, generator=g), dim=-1),
+    }

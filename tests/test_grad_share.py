@@ -26,6 +26,7 @@ from clipdistill.train import (
     train_step,
     training_fingerprint,
 )
+from conftest import cached_pair_batch
 
 
 class TwoTerms(Task):
@@ -165,13 +166,7 @@ def test_baselines_report_clip_and_kd_terms(tiny_student, kind):
     torch.manual_seed(0)
     cfg = DistillConfig(weight=2.0, icl_own_scale=kind == "icl")
     task = BaselineTask(copy.deepcopy(tiny_student), kind, 16, cfg)
-    g = torch.Generator().manual_seed(4)
-    batch = {
-        "image": torch.randn(6, 3, 32, 32, generator=g),
-        "text": torch.randint(1, 100, (6, 16), generator=g),
-        "teacher_image": F.normalize(torch.randn(6, 16, generator=g), dim=-1),
-        "teacher_text": F.normalize(torch.randn(6, 16, generator=g), dim=-1),
-    }
+    batch = cached_pair_batch()
     parts = task(batch)
     terms = loss_terms(parts)
     assert set(terms) == {"clip", "kd"}

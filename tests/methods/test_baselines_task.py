@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import clipdistill.train as train_module
 from cid_fixtures import build_tiny_cache, stage_config
@@ -19,6 +18,7 @@ from clipdistill.methods import needs_teacher_cache
 from clipdistill.methods.baselines import BASELINES, BaselineTask
 from clipdistill.models.factory import create_student
 from clipdistill.train import _fingerprinted, train
+from conftest import cached_pair_batch
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +107,7 @@ def test_fingerprint_is_what_trains(pairs_config):
 def _gradient(kind: str, cfg: DistillConfig) -> torch.Tensor:
     torch.manual_seed(0)
     task = BaselineTask(create_student(ModelConfig(name="lab-student-tiny")).model, kind, 16, cfg)
-    g = torch.Generator().manual_seed(4)
-    batch = {
-        "image": torch.randn(6, 3, 32, 32, generator=g),
-        "text": torch.randint(1, 100, (6, 16), generator=g),
-        "teacher_image": F.normalize(torch.randn(6, 16, generator=g), dim=-1),
-        "teacher_text": F.normalize(torch.randn(6, 16, generator=g), dim=-1),
-    }
+    batch = cached_pair_batch()
     task(batch)["loss"].backward()
     return torch.cat([p.grad.flatten() for p in task.model.visual.parameters() if p.grad is not None])
 
