@@ -215,3 +215,29 @@ def test_config_yaml_is_written_atomically(pairs_config, monkeypatch):
     train(cfg)
     assert output_dir(cfg) / "config.yaml" in written
     assert yaml.safe_load((output_dir(cfg) / "config.yaml").read_text())["train"]["steps"] == cfg.train.steps
+
+
+def test_augment_crops_every_step_afresh_and_off_is_the_plain_run(pairs_config, monkeypatch):
+    plain = pairs_config()
+    assert train_module.training_fingerprint(plain) == train_module.training_fingerprint(
+        pairs_config("--train.augment", "0")
+    )  # the key's default leaves every earlier run's fingerprint as it was
+    seen = []
+    forward = ClipTask.forward
+
+    def recording(self, batch):
+        seen.append(batch["image"].clone())
+        return forward(self, batch)
+
+    monkeypatch.setattr(ClipTask, "forward", recording)
+    train(plain)
+    train(pairs_config("--train.augment", "0.5", "--train.name", "augmented"))
+    plain_images, augmented_images = seen[:4], seen[4:]
+    assert len(augmented_images) == 4
+    pairs = zip(augmented_images, plain_images, strict=True)
+    assert all(a.shape == p.shape and not torch.equal(a, p) for a, p in pairs)
+
+    with pytest.raises(ConfigError, match="crops a run without a teacher cache"):
+        train(pairs_config("--train.augment", "0.5", "--train.method", "fd", "--train.name", "fd"))
+    with pytest.raises(ConfigError, match="train.augment 1.5: the smallest crop area"):
+        train(pairs_config("--train.augment", "1.5", "--train.name", "big"))

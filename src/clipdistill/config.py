@@ -97,6 +97,10 @@ class TrainConfig:
     subset: str = ""  # kept-ids file (from `balance`) restricting the training samples
     # every log_every steps, each loss term's gradient norm on the parameters the terms share, and its share
     grad_share: bool = False
+    # > 0: every image a run without a teacher cache trains on gets a random resized crop (area in
+    # [augment, 1], aspect ratio 3/4..4/3) and a coin-flip mirror, drawn per (seed, step, sample) by
+    # data/views.py; 0: the plain images. Distillation runs get their views from `embed --embed.views N`.
+    augment: float = 0.0
 
 
 @dataclass

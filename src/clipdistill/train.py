@@ -47,9 +47,9 @@ from clipdistill.config import (
 )
 from clipdistill.data.sampler import StepSampler
 from clipdistill.data.sources import ShardPairs, make_pair_source
-from clipdistill.data.views import apply_views, pick_views
+from clipdistill.data.views import apply_views, pick_views, step_views
 from clipdistill.distributed import DistInfo, all_reduce_mean, init_distributed, resolve_device
-from clipdistill.methods import method_lab_data_keys, method_sections, task_class
+from clipdistill.methods import method_lab_data_keys, method_sections, needs_teacher_cache, task_class
 from clipdistill.methods.task import TERM, CacheUse, Task, loss_terms
 from clipdistill.models.factory import create_student, create_teacher
 from clipdistill.runs import cache_dir, data_id, output_dir, run_path, sweep_temps
@@ -109,6 +109,8 @@ def _fingerprinted(values: dict) -> dict:
         values["ensemble"] = list(embed["ensemble"])
     for key in RESUME_FREE_KEYS:
         values["train"].pop(key, None)
+    if not values["train"].get("augment"):  # off, the default that predates the key
+        values["train"].pop("augment", None)
     if values["train"].get("optimizer") == "adamw":  # the default that predates the key: old runs still match
         values["train"].pop("optimizer")
     if values["data"]["kind"] != "paper":  # keys only paper data reads, newer than the others' runs
@@ -217,6 +219,13 @@ def open_run(cfg: RunConfig) -> Run:
         raise ConfigError(
             f"{run.out} already holds a finished run with another config; choose another --train.name "
             "or delete the folder"
+        )
+    if not 0.0 <= tc.augment <= 1.0:
+        raise ConfigError(f"train.augment {tc.augment}: the smallest crop area, in (0, 1]; 0 is off")
+    if tc.augment > 0 and needs_teacher_cache(tc.method):
+        raise ConfigError(
+            f"train.augment crops a run without a teacher cache; {tc.method!r} reads one: give it views "
+            "with `embed --embed.views N`, whose targets are the teacher's embeddings of those crops"
         )
     if tc.batch_size % (tc.accum_steps * dist_info.world_size):
         raise ConfigError(
@@ -380,7 +389,7 @@ def train_step(trainer: Trainer, batches: Iterator[dict], step: int) -> StepResu
         skipped += len(batch["skipped"])
         if trainer.world_size > 1:
             batch = equalize_batch(batch)
-        batch = prepare_batch(batch, trainer.device, trainer.cache, step, tc.seed)
+        batch = prepare_batch(batch, trainer.device, trainer.cache, step, tc.seed, tc.augment)
         sync = micro == tc.accum_steps - 1 or trainer.world_size == 1
         with model.no_sync() if not sync else contextlib.nullcontext(), autocast_for(trainer.device, tc.amp):
             parts = model(batch)
@@ -556,13 +565,19 @@ def equalize_batch(batch: dict) -> dict:
 
 
 def prepare_batch(
-    batch: dict, device: torch.device, cache: TeacherCache | None, step: int = 0, seed: int = 0
+    batch: dict,
+    device: torch.device,
+    cache: TeacherCache | None,
+    step: int = 0,
+    seed: int = 0,
+    augment: float = 0.0,
 ) -> dict:
     """The batch on `device`, with the cached teacher rows of its samples when there is a cache.
 
     A reinforced cache (N views) gives each sample the view `pick_views(seed, step, row)`: its crop
     and flip are applied to the student's pixels and its teacher embedding is the target, so a
-    resumed run and any number of ranks draw the same views."""
+    resumed run and any number of ranks draw the same views. Without a cache, `augment` > 0 crops and
+    flips each sample afresh at every step (`step_views`), as reproducibly."""
     moved = {
         k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
     }
@@ -576,6 +591,9 @@ def prepare_batch(
             image, text = cache.rows(rows)
         moved["teacher_image"], moved["teacher_text"] = image.to(device), text.to(device)
         moved["cache_row"] = torch.as_tensor(rows)
+    elif augment > 0:
+        params = step_views(seed, step, batch["index"].cpu().numpy(), augment)
+        moved["image"] = apply_views(moved["image"], torch.from_numpy(params))
     return moved
 
 

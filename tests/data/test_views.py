@@ -4,7 +4,7 @@ any batch of model inputs the same way."""
 import numpy as np
 import torch
 
-from clipdistill.data.views import IDENTITY, apply_views, pick_views, view_params
+from clipdistill.data.views import IDENTITY, apply_views, pick_views, step_views, view_params
 
 
 def test_view_0_is_the_identity_and_boxes_stay_inside_the_image():
@@ -66,3 +66,16 @@ def test_apply_views_commutes_with_normalisation():
     std = torch.tensor([0.2, 0.3, 0.25]).view(1, 3, 1, 1)
     normalised_view = (apply_views(pixels, params) - mean) / std
     torch.testing.assert_close(apply_views((pixels - mean) / std, params), normalised_view, rtol=0, atol=1e-5)
+
+
+def test_step_views_are_fresh_at_every_step_and_reproducible():
+    rows = np.arange(64)
+    first = step_views(0, 3, rows, 0.5)
+    assert first.shape == (64, 5)
+    assert np.array_equal(first, step_views(0, 3, rows, 0.5))
+    assert np.array_equal(first[10:20], step_views(0, 3, rows[10:20], 0.5))  # any batch order
+    assert not np.array_equal(first, step_views(0, 4, rows, 0.5))
+    assert not np.array_equal(first, step_views(1, 3, rows, 0.5))
+    area = first[:, 2] * first[:, 3]
+    assert (area >= 0.5 - 1e-6).all() and (area <= 1.0 + 1e-6).all()
+    assert 0.3 < first[:, 4].mean() < 0.7  # about half are mirrored

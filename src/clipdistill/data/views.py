@@ -83,6 +83,13 @@ def pick_views(seed: int, step: int, rows: np.ndarray, views: int) -> np.ndarray
     return (hash_keys(seed, step, np.asarray(rows, dtype=np.int64)) % np.uint64(views)).astype(np.int64)
 
 
+def step_views(seed: int, step: int, rows: np.ndarray, min_scale: float) -> np.ndarray:
+    """float32 [len(rows), 5]: a fresh random resized crop and flip of each sample for training step
+    `step` (`train.augment`), drawn like a cache's views but new at every step."""
+    step_seed = int(hash_keys(seed, step)[()] >> np.uint64(1))  # non-negative, fits int64
+    return view_params(step_seed, rows, 2, min_scale)[:, 1]
+
+
 def apply_views(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """images [B, C, H, W] cropped to each row's box, resized back to H x W (bilinear) and flipped
     where asked; identity rows are returned untouched, bit for bit."""
