@@ -158,11 +158,11 @@ class ComkdConfig:
     vpt_tokens: int = 0  # visual prompt tokens per block (set with vpt_depth)
     base_fraction: float = 0.5  # share of classes that are "base" (labeled in stage 1)
     split_seed: int = 0
-    eduattention: EduAttentionKind = "mean_text"  # mean_text: softmax(p·W_tᵀ/C)·W_t; cross: learned Q/K/V
+    eduattention: EduAttentionKind = "cross"  # cross: learned Q/K/V; mean_text: softmax(p·W_tᵀ/C)·W_t
     attention_scale: float = 1.0  # C in the mean_text EduAttention
     attention_heads: int = 1  # heads of the cross EduAttention
     attention_temperature: float = 0.01  # the cross EduAttention's learned temperature, its start (CLIP's τ)
-    ifalign_reduction: Reduction = "mean"  # IFAlign's L1 norms over dimensions: mean or sum (the paper's)
+    ifalign_reduction: Reduction = "sum"  # IFAlign's L1 norms over dimensions: sum (the paper's) or mean
     kd_reduction: KdReduction = "batchmean"  # promptkd: sum·T²/(batch x classes), PromptKD's code
     student_vpt_depth: int = 0  # stage 2: blocks of the student's ViT with deep visual prompts (0 = none)
     student_vpt_tokens: int = 4  # visual prompt tokens per block (with student_vpt_depth)
