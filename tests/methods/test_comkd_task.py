@@ -201,7 +201,7 @@ def test_comkd_needs_the_text_bank(tiny_cache, tmp_path):
 def test_alpha_zero_is_identity_through_the_head():
     torch.manual_seed(0)
     bank = F.normalize(torch.randn(10, 16), dim=-1)
-    head = ComkdHead(8, bank, ComkdConfig(attention_scale=0.5))
+    head = ComkdHead(8, bank, ComkdConfig(eduattention="mean_text", attention_scale=0.5))
     plain = ComkdHead(8, bank, ComkdConfig(use_eduattention=False))
     plain.projector.load_state_dict(head.projector.state_dict())
     x = torch.randn(5, 8)
@@ -323,6 +323,7 @@ def test_stage2_starts_from_a_trained_student(tiny_cache, prompted, tmp_path):
     save_file({"proj_image.proj.weight": skip}, init / "heads.safetensors")
     cfg.train.method, cfg.train.name, cfg.train.steps = "comkd", "chained", 0
     cfg.comkd.student_init = "init"
+    cfg.comkd.eduattention = "mean_text"  # its α starts at 0: the head is P alone at step 0
     train(cfg)
     chained, trained = (
         load_file(tmp_path / "run" / "chained" / "model.safetensors"),

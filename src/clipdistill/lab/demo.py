@@ -40,7 +40,7 @@ STAGE2 = COMKD_TARGET
 # Each stage-2 method at its learning rate chosen on the target's validation images (benchmarks/README.md);
 # ComKD with its modules as the paper describes them (the defaults) and λ_align chosen likewise.
 PROMPTKD = {"train.method": "promptkd", "train.lr": 0.001}
-COMKD = {"train.method": "comkd", "comkd.lambda_align": 0.1, "train.lr": 0.002}
+COMKD = {"train.method": "comkd", "comkd.lambda_align": 0.1, "train.lr": 0.001}
 # Row name -> config overrides as dotted `section.key` (method and, for ablations, its settings).
 ROWS: dict[str, dict] = {
     "no_kd": {"train.method": "clip"},
@@ -56,8 +56,8 @@ ROWS: dict[str, dict] = {
     # screen chose the origin's value, the `distill` keys stay unset (docs/methods.md, "Baselines").
     "fd": {"train.method": "fd"},
     "crd": {"train.method": "crd"},
-    "icl": {"train.method": "icl"},
-    "tinyclip_affinity": {"train.method": "tinyclip_affinity"},
+    "icl": {"train.method": "icl", "distill.weight": 0.3},
+    "tinyclip_affinity": {"train.method": "tinyclip_affinity", "distill.affinity_logit_scale": 25.0},
     # CRD at its origin settings under open_clip's name: one gradient with `crd` at weight 1
     "openclip_distill": {"train.method": "openclip_distill"},
     # ComKD: `prompt_teacher` (stage 1) must come before the rows that distil from it.
