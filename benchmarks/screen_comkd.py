@@ -14,8 +14,8 @@ kept next to them, never read for the choice. Writes `<out>/<NAME>.json` (per se
 metrics, the gradient diagnostics averaged over the log steps; seeds of an earlier call with the same
 setting are kept) and prints a mean ± std line per number over the seeds in it.
 
-Example (ComKD's λ_align):
-    .venv/bin/python benchmarks/screen_comkd.py comkd_align0.1 comkd --comkd.lambda_align 0.1
+Example (ComKD's λ_align, 0.1 in the lab's row):
+    .venv/bin/python benchmarks/screen_comkd.py comkd_align1 comkd --comkd.lambda_align 1.0
 """
 
 from __future__ import annotations

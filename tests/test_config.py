@@ -3,7 +3,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clipdistill.config import ConfigError, RunConfig, config_from_dict, fingerprint, load_config, to_dict
+from clipdistill.config import (
+    NEWER_DEFAULTS,
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    fingerprint,
+    load_config,
+    to_dict,
+    trained_config,
+)
 from clipdistill.train import train
 
 
@@ -186,3 +195,20 @@ def test_demo_and_bench_start_from_the_lab_file(capsys):
 def test_a_mistyped_key_names_the_close_one():
     with pytest.raises(ConfigError, match=r"caption_kye: did you mean 'caption_key'\?"):
         load_config(None, ["--data.caption_kye", "title"])
+
+
+def test_trained_config_reads_an_older_run_with_the_values_it_trained_with(tmp_path):
+    """A run folder whose config.yaml predates a key gets the value the run had then, not today's
+    default (ComKD's attention and IFAlign defaults changed after such runs)."""
+    values = to_dict(RunConfig())
+    for section, keys in NEWER_DEFAULTS.items():
+        for key in keys:
+            values[section].pop(key)
+    values["comkd"]["lambda_align"] = 0.5  # a key the run had keeps its value
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(values))
+    trained = trained_config(tmp_path)
+    assert (trained.comkd.eduattention, trained.comkd.ifalign_reduction) == ("mean_text", "mean")
+    assert trained.comkd.lambda_align == 0.5
+    assert (RunConfig().comkd.eduattention, RunConfig().comkd.ifalign_reduction) == ("cross", "sum")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(to_dict(RunConfig())))
+    assert trained_config(tmp_path).comkd.eduattention == "cross"  # a newer run: as written

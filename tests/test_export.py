@@ -38,7 +38,7 @@ def fake_run(cfg: RunConfig, name: str, method: str = "clip") -> Path:
     save_state_dict(loaded.model.state_dict(), folder / "model.safetensors")
     if method == "comkd":
         head = ComkdHead(loaded.embed_dim, torch.randn(5, 24), comkd_settings(cfg))
-        torch.nn.init.normal_(head.edu.alpha)  # alpha starts at 0: make EduAttention count
+        torch.nn.init.normal_(head.edu.alpha)  # a trained gate, not its starting value
         save_state_dict({f"head.{k}": v for k, v in head.state_dict().items()}, folder / "heads.safetensors")
     return folder
 

@@ -248,6 +248,7 @@ class LabConfig:
 
     teacher_steps: int = 600
     teacher_lr: float = 1e-3
+    teacher_augment: float = 0.0  # the lab teacher's `train.augment` (0: plain images)
     rows: list[str] = field(default_factory=lambda: ["no_kd"])
     seeds: list[int] = field(default_factory=lambda: [0])
     results: str = "results.json"  # written in the run dir
@@ -262,8 +263,9 @@ class ExportConfig:
     opset: int = 17
 
 
-# Keys newer than runs they leave unchanged at these values: the training fingerprint leaves them out
-# there, so older runs still match.
+# Keys newer than some runs, at the value those runs trained with before the key existed (not always
+# today's default): the training fingerprint leaves a key out at that value, so older runs still match,
+# and `trained_config` reads an older run's config.yaml back with it.
 NEWER_DEFAULTS = {
     "comkd": {"eduattention": "mean_text", "attention_heads": 1, "attention_temperature": 0.01,
               "ifalign_reduction": "mean", "kd_reduction": "batchmean", "student_vpt_depth": 0,
@@ -366,6 +368,16 @@ def _build(cls: type, values: dict, where: str, base: Any = None) -> Any:
 
 def config_from_dict(values: dict, cls: type = RunConfig) -> Any:
     return _build(cls, values, "")
+
+
+def trained_config(folder: str | Path) -> RunConfig:
+    """The config a `train` run folder was trained with (its config.yaml); a key newer than the run
+    takes the value the run had before the key existed (NEWER_DEFAULTS), not today's default."""
+    values = yaml.safe_load((Path(folder) / "config.yaml").read_text())
+    for section, older in NEWER_DEFAULTS.items():
+        if section in values:
+            values[section] = older | values[section]
+    return config_from_dict(values)
 
 
 def parse_overrides(args: list[str]) -> dict:

@@ -97,6 +97,12 @@ def autocast_for(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
 
 
+# Stage 1 and PromptKD read the `comkd` section but not ComKD's modules; the module keys newer than
+# their runs stay out of their fingerprint whatever the value (the older keys were always in it).
+WITHOUT_COMKD_MODULES = ("prompt_teacher", "promptkd")
+NEWER_COMKD_MODULE_KEYS = ("eduattention", "attention_heads", "attention_temperature", "ifalign_reduction")
+
+
 def _fingerprinted(values: dict) -> dict:
     """The settings a training result depends on: the data, the models, the trainer and the
     method's own sections; not logging, evaluation, the demo's plan or other methods' settings."""
@@ -125,6 +131,9 @@ def _fingerprinted(values: dict) -> dict:
     if "distill" in values:  # what trains: each key left at None is the method's origin value
         resolved = config_from_dict(values["distill"], DistillConfig).for_method(values["train"]["method"])
         values["distill"] = to_dict(resolved)
+    if values["train"]["method"] in WITHOUT_COMKD_MODULES and "comkd" in values:
+        for key in NEWER_COMKD_MODULE_KEYS:  # never read there: their defaults can change under such runs
+            values["comkd"].pop(key, None)
     for section, defaults in NEWER_DEFAULTS.items():
         for key, default in defaults.items():
             if section in values and values[section].get(key) == default:
@@ -420,6 +429,11 @@ def build(cfg: RunConfig, run: Run) -> tuple[Trainer, object]:
     task_cls = task_class(cfg.train.method)
     loaded = load_model_for(cfg, task_cls)
     cache = load_cache(cfg, task_cls.cache_use)
+    if cfg.train.augment > 0 and cache is not None:  # a method that reads the cache once it is built
+        raise ConfigError(
+            f"train.augment crops a run without a teacher cache; this {cfg.train.method!r} run reads "
+            f"the one in {cache_dir(cfg)}, whose targets are the teacher's embeddings of the plain images"
+        )
     task = task_cls.from_config(cfg, loaded.model, cache).to(run.device)
     source = make_pair_source(cfg.data, loaded.tokenizer, loaded.preprocess)
     trainer = make_trainer(task, cfg.train, run.device, cache, run.dist.world_size, run.checkpoint)

@@ -50,7 +50,7 @@ def test_ifalign_hand_computation() -> None:
     # Student: means (2, 1), population variances (1, 1). Teacher: means (0, 1), variances (0, 1).
     student, teacher = _t([[1, 0], [3, 2]]), _t([[0, 0], [0, 2]])
     # Averaged over the two dims: |Δμ| = (2 + 0) / 2, |Δσ²| = (1 + 0) / 2.
-    assert IFAlignLoss()(student, teacher).item() == pytest.approx(1.5)
+    assert IFAlignLoss("mean")(student, teacher).item() == pytest.approx(1.5)
 
 
 def test_eduattention_hand_computation() -> None:

@@ -361,3 +361,10 @@ def test_prompt_teacher_reads_the_cached_teacher_features(prompted):
     images, cached = torch.randn(2, 3, 32, 32), F.normalize(torch.randn(2, 32), dim=-1).half()
     assert torch.equal(task.encode_image(images, cached), cached.float())
     assert torch.allclose(task.encode_image(images), task.model.encode_image(images))  # no cache: live
+
+
+def test_stage1_with_a_built_cache_refuses_train_augment(tiny_cache, tmp_path):
+    """Stage 1 reads the cache when it is there: its images cannot be cropped under plain targets."""
+    cfg = stage_config(tiny_cache, tmp_path / "run", *STAGE1, "--train.steps", "1", "--train.augment", "0.5")
+    with pytest.raises(ConfigError, match="run reads the one in"):
+        train(cfg)

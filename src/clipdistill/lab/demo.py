@@ -146,6 +146,7 @@ def train_teacher(cfg: RunConfig, seed: int = 0, name: str = "teacher") -> dict:
             "train.name": name,
             "train.steps": cfg.lab.teacher_steps,
             "train.lr": cfg.lab.teacher_lr,
+            "train.augment": cfg.lab.teacher_augment,
             "train.seed": seed,
             "teacher.pretrained": "",  # trained from scratch here (the text tower is pretrained)
         },

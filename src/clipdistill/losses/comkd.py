@@ -54,7 +54,7 @@ class IFAlignLoss(nn.Module):
     gather under DDP (like unsynchronised BatchNorm).
     """
 
-    def __init__(self, reduction: str = "mean") -> None:
+    def __init__(self, reduction: str = "sum") -> None:
         super().__init__()
         if reduction not in ("mean", "sum"):
             raise ValueError(f"IFAlign reduction must be mean or sum, not {reduction!r}")

@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
-from clipdistill.config import ConfigError, RunConfig, config_from_dict
+from clipdistill.config import ConfigError, RunConfig, trained_config
 from clipdistill.models.factory import LoadedModel, count_parameters, create_teacher
 from clipdistill.models.heads import SPLIT, TEXT_BANK, ComkdHead, load_head
 from clipdistill.models.prompts import attach_visual_prompts
@@ -36,7 +35,7 @@ def load_trained(cfg: RunConfig, name: str) -> LoadedModel:
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise ConfigError(f"no trained model at {weights}: run `clipdistill train --train.name {name}` first")
-    trained = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
+    trained = trained_config(folder)
     model_cfg = trained.teacher if trained.train.role == "teacher" else trained.student
     model_cfg.pretrained = str(weights)
     return create_teacher(model_cfg)  # frozen, eval mode
@@ -161,7 +160,7 @@ def zeroshot_classifier(
 
 def _stage1_folder(student_folder: Path) -> Path:
     """The prompt-tuned teacher a ComKD student was distilled from (a multi-seed lab: the same seed's)."""
-    trained = config_from_dict(yaml.safe_load((student_folder / "config.yaml").read_text()))
+    trained = trained_config(student_folder)
     name = trained.comkd.prompt_teacher
     return find_run(trained, name, SPLIT) or model_dir(trained, name)
 

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from clipdistill.checkpoint import load_state_dict
-from clipdistill.config import ComkdConfig, RunConfig, config_from_dict
+from clipdistill.config import ComkdConfig, RunConfig, trained_config
 from clipdistill.losses.comkd import CrossEduAttention, EduAttention, Projector
 
 TEXT_BANK = "text_bank.npy"  # written by ComKD stage 1 (methods/prompt_teacher.py)
@@ -66,7 +65,7 @@ def comkd_settings(cfg: RunConfig) -> ComkdConfig:
 def load_head(folder: str | Path) -> ComkdHead | None:
     """The trained head of a comkd/promptkd run folder (None for any other method)."""
     folder = Path(folder)
-    trained = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
+    trained = trained_config(folder)
     if trained.train.method not in COMKD_METHODS:
         return None
     saved = load_state_dict(folder / "heads.safetensors")  # also the student's visual prompts, if any
