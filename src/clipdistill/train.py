@@ -49,7 +49,13 @@ from clipdistill.data.sampler import StepSampler
 from clipdistill.data.sources import ShardPairs, make_pair_source
 from clipdistill.data.views import apply_views, pick_views, step_views
 from clipdistill.distributed import DistInfo, all_reduce_mean, init_distributed, resolve_device
-from clipdistill.methods import method_lab_data_keys, method_sections, needs_teacher_cache, task_class
+from clipdistill.methods import (
+    method_lab_data_keys,
+    method_sections,
+    method_unread_keys,
+    needs_teacher_cache,
+    task_class,
+)
 from clipdistill.methods.task import TERM, CacheUse, Task, loss_terms
 from clipdistill.models.factory import create_student, create_teacher
 from clipdistill.runs import cache_dir, data_id, output_dir, run_path, sweep_temps
@@ -97,12 +103,6 @@ def autocast_for(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
 
 
-# Stage 1 and PromptKD read the `comkd` section but not ComKD's modules; the module keys newer than
-# their runs stay out of their fingerprint whatever the value (the older keys were always in it).
-WITHOUT_COMKD_MODULES = ("prompt_teacher", "promptkd")
-NEWER_COMKD_MODULE_KEYS = ("eduattention", "attention_heads", "attention_temperature", "ifalign_reduction")
-
-
 def _fingerprinted(values: dict) -> dict:
     """The settings a training result depends on: the data, the models, the trainer and the
     method's own sections; not logging, evaluation, the demo's plan or other methods' settings."""
@@ -131,9 +131,9 @@ def _fingerprinted(values: dict) -> dict:
     if "distill" in values:  # what trains: each key left at None is the method's origin value
         resolved = config_from_dict(values["distill"], DistillConfig).for_method(values["train"]["method"])
         values["distill"] = to_dict(resolved)
-    if values["train"]["method"] in WITHOUT_COMKD_MODULES and "comkd" in values:
-        for key in NEWER_COMKD_MODULE_KEYS:  # never read there: their defaults can change under such runs
-            values["comkd"].pop(key, None)
+    for section, keys in method_unread_keys(values["train"]["method"]).items():
+        for key in keys:  # never read by the method: their defaults can change under its runs
+            values.get(section, {}).pop(key, None)
     for section, defaults in NEWER_DEFAULTS.items():
         for key, default in defaults.items():
             if section in values and values[section].get(key) == default:

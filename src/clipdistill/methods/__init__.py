@@ -44,6 +44,18 @@ def method_lab_data_keys(method: str) -> tuple[str, ...]:
     return METHODS[method].lab_data_keys if method in METHODS else ()
 
 
+# Keys of its sections a method never reads and that are newer than its older runs: left out of its
+# fingerprint whatever their value. Stage 1 and PromptKD read `comkd` but not ComKD's modules, whose
+# defaults changed under their runs.
+_COMKD_MODULE_KEYS = ("eduattention", "attention_heads", "attention_temperature", "ifalign_reduction")
+UNREAD_KEYS = {"prompt_teacher": {"comkd": _COMKD_MODULE_KEYS}, "promptkd": {"comkd": _COMKD_MODULE_KEYS}}
+
+
+def method_unread_keys(method: str) -> dict[str, tuple[str, ...]]:
+    """Section -> keys `method` never reads, left out of its run's fingerprint."""
+    return UNREAD_KEYS.get(method, {})
+
+
 def needs_teacher_cache(method: str) -> bool:
     return task_class(method).cache_use is CacheUse.REQUIRED
 
