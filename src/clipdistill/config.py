@@ -271,6 +271,7 @@ NEWER_DEFAULTS = {
               "ifalign_reduction": "mean", "kd_reduction": "batchmean", "student_vpt_depth": 0,
               "student_vpt_tokens": 4, "freeze_backbone": False},
     "distill": {"icl_own_scale": False, "clip_weight": 1.0, "affinity_logit_scale": 0.0},
+    "train": {"augment": 0.0},
 }  # fmt: skip
 
 

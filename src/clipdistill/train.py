@@ -115,8 +115,6 @@ def _fingerprinted(values: dict) -> dict:
         values["ensemble"] = list(embed["ensemble"])
     for key in RESUME_FREE_KEYS:
         values["train"].pop(key, None)
-    if not values["train"].get("augment"):  # off, the default that predates the key
-        values["train"].pop("augment", None)
     if values["train"].get("optimizer") == "adamw":  # the default that predates the key: old runs still match
         values["train"].pop("optimizer")
     if values["data"]["kind"] != "paper":  # keys only paper data reads, newer than the others' runs
