@@ -40,12 +40,13 @@ from clipdistill.models.classifier import load_trained, zeroshot_classifier  # n
 from clipdistill.train import train  # noqa: E402
 
 # Baseline -> (the key screened, its values). Each grid holds the origin's value (BASELINE_ORIGINS) and
-# spans it by about 3x (10x for fd's weight, whose origin value is specific to CLIP-KD's widths).
+# spans it by about 3x (10x for fd's weight, whose origin value is specific to CLIP-KD's widths);
+# TinyCLIP's grid goes one step further down because its lowest point won the first screen.
 GRID: dict[str, tuple[str, tuple[float, ...]]] = {
     "fd": ("distill.weight", (200.0, 2000.0, 20000.0)),
     "crd": ("distill.weight", (0.3, 1.0, 3.0)),
     "icl": ("distill.weight", (0.3, 1.0, 3.0)),
-    "tinyclip_affinity": ("distill.affinity_logit_scale", (25.0, 50.0, 100.0)),
+    "tinyclip_affinity": ("distill.affinity_logit_scale", (12.5, 25.0, 50.0, 100.0)),
 }
 SHORT = {"distill.weight": "w", "distill.affinity_logit_scale": "scale"}  # in the runs' names
 KEYS = ("val_zeroshot_top1", "zeroshot_top1", "linear_probe_top1", "retrieval_i2t_r1", "kd_share")
