@@ -104,6 +104,16 @@ def test_every_group_row_is_registered_and_chained_rows_follow_their_start():
                 assert "prompt_teacher" in trained[:i], (group, row)
 
 
+def test_each_baseline_has_a_views_row_that_differs_by_the_views_flag_only():
+    from clipdistill.lab import ROWS
+    from clipdistill.lab.demo import BASELINES
+
+    for name, setting in BASELINES.items():
+        views = ROWS[f"{name}_views2"]
+        assert views == setting | {"embed.views": 2} and ROWS[name] == setting, name
+        assert {name, f"{name}_views2"} <= set(bench.GROUPS["reinforced"]), name
+
+
 def test_gradient_shares_are_averaged_over_the_log_steps_that_have_them(tmp_path):
     from clipdistill.lab.demo import gradient_shares
 

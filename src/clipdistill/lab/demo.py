@@ -41,6 +41,14 @@ STAGE2 = COMKD_TARGET
 # ComKD with its modules as the paper describes them (the defaults) and λ_align chosen likewise.
 PROMPTKD = {"train.method": "promptkd", "train.lr": 0.001}
 COMKD = {"train.method": "comkd", "comkd.lambda_align": 0.1, "train.lr": 0.001}
+# The baselines at their validation-chosen settings (benchmarks/screen_baselines.py): where the screen
+# chose the origin's value, the `distill` keys stay unset (docs/methods.md, "Baselines").
+BASELINES = {
+    "fd": {"train.method": "fd"},
+    "crd": {"train.method": "crd"},
+    "icl": {"train.method": "icl", "distill.weight": 0.3},
+    "tinyclip_affinity": {"train.method": "tinyclip_affinity", "distill.affinity_logit_scale": 25.0},
+}
 # Row name -> config overrides as dotted `section.key` (method and, for ablations, its settings).
 ROWS: dict[str, dict] = {
     "no_kd": {"train.method": "clip"},
@@ -52,13 +60,11 @@ ROWS: dict[str, dict] = {
     "cid_views2": {**BALANCED_CID, "embed.views": 2},
     "cid_views4": {**BALANCED_CID, "embed.views": 4},
     "cid_ensemble": {**BALANCED_CID, "embed.ensemble": [f"{SECOND_TEACHER}/model.safetensors"]},
-    # The baselines at their validation-chosen settings (benchmarks/screen_baselines.py): where the
-    # screen chose the origin's value, the `distill` keys stay unset (docs/methods.md, "Baselines").
-    "fd": {"train.method": "fd"},
-    "crd": {"train.method": "crd"},
-    "icl": {"train.method": "icl", "distill.weight": 0.3},
-    "tinyclip_affinity": {"train.method": "tinyclip_affinity", "distill.affinity_logit_scale": 25.0},
-    # CRD at its origin settings under open_clip's name: one gradient with `crd` at weight 1
+    **BASELINES,
+    # each baseline on the 2-view cache: the reinforced cache is one flag for every method that reads it
+    **{f"{name}_views2": {**setting, "embed.views": 2} for name, setting in BASELINES.items()},
+    # CRD at its origin settings under open_clip's name: one gradient with `crd` at weight 1, so not in
+    # the grid
     "openclip_distill": {"train.method": "openclip_distill"},
     # ComKD: `prompt_teacher` (stage 1) must come before the rows that distil from it.
     "prompt_teacher": {
