@@ -27,6 +27,17 @@ def test_a_stage_error_is_one_line_and_debug_raises_it(tmp_path, capsys):
         main([*args, "--debug"])
 
 
+def test_a_refused_stage_leaves_no_run_dir_it_made_but_keeps_one_that_was_there(tmp_path, capsys):
+    new = tmp_path / "typo" / "run"
+    assert main(["cluster", "--run_dir", str(new)]) == 1  # no teacher cache: refused
+    assert "run `clipdistill embed` first" in capsys.readouterr().err
+    assert not new.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert main(["cluster", "--run_dir", str(kept)]) == 1
+    assert kept.is_dir()
+
+
 def test_usage_names_every_stage_including_the_path_commands(capsys):
     with pytest.raises(SystemExit):
         main([])

@@ -71,6 +71,19 @@ def _run_stage(stage: str, cfg: RunConfig, only: str | None = None) -> dict:
     raise AssertionError(stage)
 
 
+def _run_in_run_dir(stage: str, cfg: RunConfig, only: str | None = None) -> dict:
+    """Run the stage in its run dir; a run dir this command made and a refused stage left empty is
+    removed again, so that a typo leaves no trace."""
+    run_dir = Path(cfg.run_dir)
+    made = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_stage(stage, cfg, only)
+    finally:
+        if made and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+
+
 def _os_error_hint(e: OSError) -> str:
     kept = "files already finished and the last checkpoint are kept"
     if e.errno == errno.ENOSPC:
@@ -131,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        result = _run_stage(args.stage, cfg, args.only)
+        result = _run_in_run_dir(args.stage, cfg, args.only)
     except (ConfigError, OSError, RuntimeError, ValueError) as e:  # FileNotFoundError is an OSError
         if args.debug:
             raise
