@@ -177,23 +177,24 @@ def test_baselines_report_clip_and_kd_terms(tiny_student, kind):
         assert "kd_loss.logit_scale" in {name for name, _ in task.trainable_parameters()}
 
 
+def _without_newer_keys(values: dict) -> dict:
+    """A config as a run written before every NEWER_DEFAULTS key existed has it."""
+    for section, keys in NEWER_DEFAULTS.items():
+        for key in keys:
+            values[section].pop(key)
+    return values
+
+
 def test_the_new_method_keys_at_their_older_values_keep_older_runs_fingerprints(pairs_config):
     """Runs written before the ComKD and ICL options existed still resume and still count as done."""
     older_modules = ("--comkd.eduattention", "mean_text", "--comkd.ifalign_reduction", "mean")
     cfg = pairs_config("--train.method", "comkd", *older_modules)
     now = _fingerprinted(to_dict(cfg))
-    older = to_dict(cfg)
-    for section, keys in NEWER_DEFAULTS.items():
-        for key in keys:
-            older[section].pop(key)
-    assert _fingerprinted(older) == now
+    assert _fingerprinted(_without_newer_keys(to_dict(cfg))) == now
     changed = pairs_config("--train.method", "comkd", *older_modules, "--comkd.kd_reduction", "promptkd")
     assert training_fingerprint(changed) != training_fingerprint(cfg)  # a new value is a new run
     # today's module defaults make another ComKD run, but not another stage-1 or PromptKD run
     assert training_fingerprint(pairs_config("--train.method", "comkd")) != training_fingerprint(cfg)
     for method in ("prompt_teacher", "promptkd"):
-        modules_then = to_dict(pairs_config("--train.method", method, *older_modules))
-        for section, keys in NEWER_DEFAULTS.items():
-            for key in keys:
-                modules_then[section].pop(key)
+        modules_then = _without_newer_keys(to_dict(pairs_config("--train.method", method, *older_modules)))
         assert _fingerprinted(modules_then) == _fingerprinted(to_dict(pairs_config("--train.method", method)))
