@@ -31,7 +31,7 @@ def test_a_refused_stage_leaves_no_run_dir_it_made_but_keeps_one_that_was_there(
     new = tmp_path / "typo" / "run"
     assert main(["cluster", "--run_dir", str(new)]) == 1  # no teacher cache: refused
     assert "run `clipdistill embed` first" in capsys.readouterr().err
-    assert not new.exists()
+    assert not new.exists() and not new.parent.exists()  # nor the parent it made for it
     kept = tmp_path / "kept"
     kept.mkdir()
     assert main(["cluster", "--run_dir", str(kept)]) == 1

@@ -72,16 +72,17 @@ def _run_stage(stage: str, cfg: RunConfig, only: str | None = None) -> dict:
 
 
 def _run_in_run_dir(stage: str, cfg: RunConfig, only: str | None = None) -> dict:
-    """Run the stage in its run dir; a run dir this command made and a refused stage left empty is
-    removed again, so that a typo leaves no trace."""
+    """Run the stage in its run dir; the folders this command made for it (the run dir and its missing
+    parents) that a refused stage left empty are removed again, so that a typo leaves no trace."""
     run_dir = Path(cfg.run_dir)
-    made = not run_dir.exists()
+    made = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # deepest first
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         return _run_stage(stage, cfg, only)
     finally:
-        if made and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()
+        for folder in made:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _os_error_hint(e: OSError) -> str:
