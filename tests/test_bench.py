@@ -145,13 +145,25 @@ def test_table_shows_each_distillation_rows_gradient_shares():
     assert "shares" not in format_table({"no_kd": results["no_kd"]})
 
 
-def test_distillation_rows_train_with_gradient_shares_and_no_kd_without():
-    from clipdistill.config import load_config
+def test_distillation_rows_train_with_gradient_shares_on_their_first_seed_and_no_kd_without():
+    from clipdistill.config import load_config, replace
     from clipdistill.lab import LAB_CONFIG, row_config
 
-    cfg = load_config(str(LAB_CONFIG))
+    cfg = replace(load_config(str(LAB_CONFIG)), {"lab.seeds": [0, 1, 2]})
     assert row_config(cfg, "fd", 0).train.grad_share and row_config(cfg, "cid", 0).train.grad_share
+    assert not row_config(cfg, "cid", 1).train.grad_share and not row_config(cfg, "cid", 2).train.grad_share
     assert not row_config(cfg, "no_kd", 0).train.grad_share
+
+
+def test_a_rows_shares_come_from_the_seeds_that_logged_them():
+    from clipdistill.lab.demo import share_keys
+
+    first = {"zeroshot_top1": 80.0, "grad_share/cd": 0.7, "grad_share/clip": 0.3}
+    assert share_keys([first, {"zeroshot_top1": 81.0}, {"zeroshot_top1": 82.0}]) == [
+        "grad_share/cd",
+        "grad_share/clip",
+    ]
+    assert share_keys([{"zeroshot_top1": 81.0}]) == []
 
 
 def test_comkd_rows_share_one_target_domain():
@@ -169,3 +181,23 @@ def test_comkd_rows_share_one_target_domain():
         assert ROWS[row]["data.domain"] == COMKD_TARGET["data.domain"] != "", row
         assert ROWS[row]["eval.protocol"] in ("all", "base_to_novel"), row
     assert all(not o.get("data.domain") for row, o in ROWS.items() if row not in comkd_rows)
+
+
+def test_first_seed_rows_train_on_seed_0_only_and_the_table_says_so(monkeypatch, tmp_path, fake_pipeline):
+    from clipdistill.config import load_config, replace
+    from clipdistill.lab import LAB_CONFIG, demo
+
+    trained = []
+    monkeypatch.setattr(demo, "train", lambda cfg: trained.append(cfg.train.name))
+    monkeypatch.setattr(demo, "evaluated", lambda cfg, name: {"zeroshot_top1": 80.0})
+    overrides = {"run_dir": str(tmp_path), "lab.rows": ["no_kd", "cid"], "lab.seeds": [0, 1, 2]}
+    cfg = replace(load_config(str(LAB_CONFIG)), overrides | {"lab.first_seed_rows": ["cid"]})
+    results = demo.run_rows(cfg)
+    assert trained == ["no_kd_seed0", "no_kd_seed1", "no_kd_seed2", "cid_seed0"]
+    assert len(results["no_kd"]["zeroshot_top1"]["values"]) == 3
+    assert results["cid"]["zeroshot_top1"]["values"] == [80.0]
+
+    run_dir = tmp_path / "bench"  # the bench's own default: the ablations on seed 0, and its header says so
+    assert main(["bench", "--run_dir", str(run_dir), "--lab.rows", "[no_kd, cid, cid_all_data]"]) == 0
+    header = (run_dir / "results.md").read_text().splitlines()[0]
+    assert header == "# clipdistill bench (mean ± std over seeds 0, 1, 2; cid, cid_all_data: seed 0 only)"

@@ -251,6 +251,7 @@ class LabConfig:
     teacher_augment: float = 0.0  # the lab teacher's `train.augment` (0: plain images)
     rows: list[str] = field(default_factory=lambda: ["no_kd"])
     seeds: list[int] = field(default_factory=lambda: [0])
+    first_seed_rows: list[str] = field(default_factory=list)  # rows trained on the first seed only
     results: str = "results.json"  # written in the run dir
 
 

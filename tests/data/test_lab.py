@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipdistill.config import ConfigError, DataConfig, load_config
+from clipdistill.config import ConfigError, DataConfig, ModelConfig, load_config
 from clipdistill.data.lab import (
     CLASSNAMES,
     DEBIAN_DIR,
@@ -17,6 +17,7 @@ from clipdistill.data.lab import (
     shift_domain,
     to_pixels,
 )
+from clipdistill.models.factory import create_student
 from conftest import needs_lab
 
 
@@ -145,3 +146,13 @@ def test_a_target_domain_has_its_own_cache(tmp_path):
     plain = load_config(None, ["--run_dir", str(tmp_path)])
     target = load_config(None, ["--run_dir", str(tmp_path), "--data.domain", "low_contrast"])
     assert cache_dir(plain) == tmp_path / "cache" and cache_dir(target) == tmp_path / "cache_low_contrast"
+
+
+def test_the_lab_students_context_holds_every_lab_caption_whole():
+    """The lab student reads 16 tokens (half the teacher's 32, a fifth of its training step): every
+    caption the lab makes, class names and templates, must end inside it (its EOS token is pooled)."""
+    student = create_student(ModelConfig(name="lab-student"))
+    captions = [template.format(c=name) for template in TEMPLATES for name in CLASSNAMES]
+    tokens = student.tokenizer(captions)
+    assert tokens.shape[1] == 16
+    assert bool((tokens == student.config["text_cfg"]["eos_id"]).any(dim=1).all())

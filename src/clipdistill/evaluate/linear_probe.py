@@ -73,10 +73,13 @@ def linear_probe(
     test_features: ArrayLike,
     test_labels: ArrayLike,
     costs: Sequence[float] = (0.01, 0.1, 1.0, 10.0, 100.0),
-    max_iter: int = 300,
+    max_iter: int = 100,
     seed: int = 0,
 ) -> dict:
     """Pick the inverse regularisation C on val, refit on train+val with it, report test accuracy.
+
+    `max_iter` 100: on the lab's features every C's accuracy is within 0.25 points of its value after
+    300 iterations, in a third of the time (benchmarks/README.md, "The lab grid").
 
     Choosing C on a held-out split rather than test keeps the reported number honest; refitting on
     train+val then uses all labelled data.
