@@ -153,6 +153,7 @@ def test_distillation_rows_train_with_gradient_shares_on_their_first_seed_and_no
     assert row_config(cfg, "fd", 0).train.grad_share and row_config(cfg, "cid", 0).train.grad_share
     assert not row_config(cfg, "cid", 1).train.grad_share and not row_config(cfg, "cid", 2).train.grad_share
     assert not row_config(cfg, "no_kd", 0).train.grad_share
+    assert not row_config(replace(cfg, {"lab.grad_share": False}), "cid", 0).train.grad_share  # make demo
 
 
 def test_a_rows_shares_come_from_the_seeds_that_logged_them():

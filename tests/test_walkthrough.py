@@ -90,12 +90,13 @@ def test_the_readme_walkthrough_runs_end_to_end(workdir, capsys):
     report = read_json(run / "cache" / "report.json")
     assert report["teacher"] == f"hf-hub:{REPO}@{REVISION}" and report["valid_samples"] == 48
     assert read_json(run / "cid" / "done.json")["steps"] == 6
-    student, teacher = read_json(run / "cid" / "eval.json"), read_json(run / "teacher" / "eval.json")
+    # the evaluations are named after the table they scored (data/labelled.csv)
+    student, teacher = (read_json(run / name / "eval_labelled.json") for name in ("cid", "teacher"))
     for metrics in (student, teacher):
         assert metrics["classes"] == 3 and metrics["test_images"] == 9
         assert 0 <= metrics["zeroshot_top1"] <= 100 and metrics["retrieval_rule"] == "instance"
         assert "linear_probe_top1" in metrics
-    assert (run / "cid" / "eval.md").is_file() and (run / "cid" / "export" / "open_clip").is_dir()
+    assert (run / "cid" / "eval_labelled.md").is_file() and (run / "cid" / "export" / "open_clip").is_dir()
     lines = out.out.splitlines()
     assert [Path(line.split()[0]).name for line in lines[1:]] == ["0.png", "1.png", "2.png"]
     assert all(line.split()[1] in " ".join(CLASSES) for line in lines[1:])

@@ -252,6 +252,7 @@ class LabConfig:
     rows: list[str] = field(default_factory=lambda: ["no_kd"])
     seeds: list[int] = field(default_factory=lambda: [0])
     first_seed_rows: list[str] = field(default_factory=list)  # rows trained on the first seed only
+    grad_share: bool = True  # distillation rows log each loss term's gradient share on their first seed
     results: str = "results.json"  # written in the run dir
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from clipdistill.checkpoint import read_json, save_state_dict
+from clipdistill.checkpoint import read_json, save_state_dict, write_json
 from clipdistill.config import ComkdConfig, ConfigError, load_config, to_dict
 from clipdistill.evaluate.own_data import _features, read_labelled
 from clipdistill.evaluate.run import run_eval
@@ -47,9 +47,11 @@ def test_teacher_on_a_labelled_table(tmp_path, data, teacher_dir):
         None, _args(tmp_path, data, "--eval.model", "teacher", "--teacher.name", f"local-dir:{teacher_dir}")
     )
     (tmp_path / "teacher").mkdir()
-    (tmp_path / "teacher" / ".eval.csv.killed.tmp").write_text("half")  # a killed eval's leftover
+    (tmp_path / "teacher" / ".eval_pairs.csv.killed.tmp").write_text("half")  # a killed eval's leftover
+    write_json(tmp_path / "teacher" / "eval.json", {"zeroshot_top1": 87.0})  # its lab results, say
     metrics = run_eval(cfg)
     assert not list((tmp_path / "teacher").glob(".*.tmp"))
+    assert read_json(tmp_path / "teacher" / "eval.json") == {"zeroshot_top1": 87.0}  # named after pairs.csv
     assert metrics["classifier"] == "zeroshot" and metrics["classes"] == 3
     assert metrics["test_images"] == 12 and metrics["train_images"] == 12  # the seeded half
     for key in (
@@ -64,9 +66,9 @@ def test_teacher_on_a_labelled_table(tmp_path, data, teacher_dir):
     assert metrics["retrieval_rule"] == "instance"
     assert metrics["retrieval_i2t_r10"] >= metrics["retrieval_i2t_r5"] >= metrics["retrieval_i2t_r1"]
     folder = tmp_path / "teacher"
-    assert read_json(folder / "eval.json") == metrics
-    assert list(csv.DictReader(open(folder / "eval.csv")))[0]["model"] == "teacher"
-    assert "| zeroshot_top1 |" in (folder / "eval.md").read_text()
+    assert read_json(folder / "eval_pairs.json") == metrics
+    assert list(csv.DictReader(open(folder / "eval_pairs.csv")))[0]["model"] == "teacher"
+    assert "| zeroshot_top1 |" in (folder / "eval_pairs.md").read_text()
 
     # class numbers + a class-names file, names in another order, a TSV and a Parquet copy: same numbers
     table = pd.read_csv(data)
@@ -215,7 +217,7 @@ def test_a_refused_eval_keeps_the_previous_results(tmp_path, data, teacher_dir):
     metrics = run_eval(load_config(None, _args(tmp_path, data, *teacher)))
     with pytest.raises(ConfigError, match="no column 'klass'"):
         run_eval(load_config(None, _args(tmp_path, data, *teacher, "--data.label_key", "klass")))
-    assert read_json(tmp_path / "teacher" / "eval.json") == metrics
+    assert read_json(tmp_path / "teacher" / "eval_pairs.json") == metrics
     with pytest.raises(ConfigError, match="no trained model"):
         run_eval(load_config(None, _args(tmp_path, data, "--eval.model", "typo")))
     assert not (tmp_path / "typo").exists()

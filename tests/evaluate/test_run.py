@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from clipdistill.config import ConfigError, load_config, replace
 from clipdistill.data.lab import load_lab
-from clipdistill.evaluate.run import evaluate_model, run_eval
+from clipdistill.evaluate.run import eval_stem, evaluate_model, run_eval
 from clipdistill.models.classifier import load_trained
 from clipdistill.models.factory import count_parameters
 from clipdistill.runs import output_dir
@@ -111,3 +111,11 @@ def test_val_split_and_target_domain_score_their_own_images(trained, monkeypatch
 def test_linear_probe_can_be_left_out(trained):
     metrics = evaluate_model(replace(trained, {"eval.linear_probe": False}), "clip")
     assert "linear_probe_top1" not in metrics and {"zeroshot_top1", "retrieval_i2t_r1"} <= set(metrics)
+
+
+def test_each_evaluation_has_its_own_files_named_after_what_it_scored(trained):
+    assert eval_stem(trained) == "eval"
+    assert eval_stem(replace(trained, {"eval.split": "val"})) == "eval_val"
+    assert eval_stem(replace(trained, {"data.domain": "low_contrast"})) == "eval_low_contrast"
+    mine = replace(trained, {"data.kind": "csv", "data.path": "photos/labelled.csv"})
+    assert eval_stem(mine) == "eval_labelled"

@@ -45,7 +45,7 @@ def fit_logistic_regression(
     return weight.detach(), bias.detach()
 
 
-def _fit_and_score(
+def fit_and_score(
     train_x: np.ndarray,
     train_y: np.ndarray,
     eval_x: np.ndarray,
@@ -88,9 +88,9 @@ def linear_probe(
     train_x, val_x, test_x = (_to_numpy(x, np.float32) for x in (train_features, val_features, test_features))
     train_y, val_y, test_y = (_to_numpy(y, np.int64) for y in (train_labels, val_labels, test_labels))
 
-    val_acc = {c: _fit_and_score(train_x, train_y, val_x, val_y, c, max_iter, seed) for c in costs}
+    val_acc = {c: fit_and_score(train_x, train_y, val_x, val_y, c, max_iter, seed) for c in costs}
     best_c = max(costs, key=lambda c: val_acc[c])  # ties go to the earliest C in `costs`
     full_x = np.concatenate([train_x, val_x])
     full_y = np.concatenate([train_y, val_y])
-    test_acc = _fit_and_score(full_x, full_y, test_x, test_y, best_c, max_iter, seed)
+    test_acc = fit_and_score(full_x, full_y, test_x, test_y, best_c, max_iter, seed)
     return {"acc1": test_acc, "best_c": best_c, "val_acc1": {str(c): acc for c, acc in val_acc.items()}}

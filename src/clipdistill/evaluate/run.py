@@ -157,9 +157,20 @@ def evaluate_model(cfg: RunConfig, name: str) -> dict:
     return metrics | {"eval_seconds": round(time.time() - start, 2)}
 
 
+def eval_stem(cfg: RunConfig) -> str:
+    """The name of an evaluation's files in the model folder, after what it scored, so that one model's
+    evaluations on other data never overwrite each other: `eval` (the lab's test split), `eval_val`
+    (its validation split), `eval_low_contrast` (a lab target domain), `eval_<table or folder name>`
+    (your own labelled images)."""
+    if cfg.data.kind in OWN_DATA_KINDS:
+        return f"eval_{Path(cfg.data.path).resolve().stem}"
+    parts = ["eval", cfg.data.domain, "" if cfg.eval.split == "test" else cfg.eval.split]
+    return "_".join(part for part in parts if part)
+
+
 def run_eval(cfg: RunConfig) -> dict:
     """Evaluate `cfg.eval.model` (on the lab, or on your own labelled images for data.kind csv or
-    folder) and write eval.json, eval.csv and eval.md into its folder."""
+    folder) and write `<stem>.json`, `.csv` and `.md` into its folder (`eval_stem`)."""
     name = model_name(cfg, cfg.eval.model)
     folder = model_dir(cfg, name)
     if cfg.data.kind in OWN_DATA_KINDS:
@@ -174,12 +185,13 @@ def run_eval(cfg: RunConfig) -> dict:
         print(f"clipdistill eval: note: {metrics['note']}", file=sys.stderr)
     # only now, so that a refused eval leaves the previous results and creates no folder
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "eval.json").unlink(missing_ok=True)  # the done mark: never paired with a newer eval.csv
-    sweep_temps(folder, ".eval.*.tmp")  # half-written files of a killed eval
-    atomic_write(folder / "eval.csv", lambda tmp: _write_csv(tmp, {"model": name, **metrics}))
+    stem = eval_stem(cfg)
+    (folder / f"{stem}.json").unlink(missing_ok=True)  # the done mark: never paired with a newer csv
+    sweep_temps(folder, f".{stem}.*.tmp")  # half-written files of a killed eval
+    atomic_write(folder / f"{stem}.csv", lambda tmp: _write_csv(tmp, {"model": name, **metrics}))
     table = markdown(name, where, metrics)
-    atomic_write(folder / "eval.md", lambda tmp: tmp.write_text(table))
-    write_json(folder / "eval.json", metrics)  # last: written only once everything else is
+    atomic_write(folder / f"{stem}.md", lambda tmp: tmp.write_text(table))
+    write_json(folder / f"{stem}.json", metrics)  # last: written only once everything else is
     return metrics
 
 

@@ -15,7 +15,7 @@ from clipdistill.checkpoint import read_json, write_json
 from clipdistill.config import RunConfig, fingerprint, replace, to_dict
 from clipdistill.curate.stages import run_balance, run_cluster
 from clipdistill.embed import run_embed
-from clipdistill.evaluate.run import run_eval
+from clipdistill.evaluate.run import eval_stem, run_eval
 from clipdistill.methods import needs_teacher_cache
 from clipdistill.runs import model_dir, seed_run_name
 from clipdistill.train import train
@@ -109,7 +109,7 @@ def row_config(cfg: RunConfig, row: str, seed: int) -> RunConfig:
     # distillation rows log each loss term's gradient share on their first seed (on log steps only;
     # training is unchanged): a backward pass per term costs a fifth of a lab student's training time
     distills = needs_teacher_cache(ROWS[row].get("train.method", cfg.train.method))
-    shares = distills and seed == cfg.lab.seeds[0]
+    shares = cfg.lab.grad_share and distills and seed == cfg.lab.seeds[0]
     overrides = {"train.name": name, "train.seed": seed, "train.role": "student", "train.grad_share": shares}
     return replace(cfg, overrides | ROWS[row])
 
@@ -134,7 +134,7 @@ def evaluated(cfg: RunConfig, name: str) -> dict:
     its training seconds and gradient shares."""
     folder = model_dir(cfg, name)
     key = fingerprint({"done": read_json(folder / "done.json"), "eval": to_dict(cfg.eval)})
-    cached = folder / "eval.json"
+    cached = folder / f"{eval_stem(cfg)}.json"
     if cached.is_file() and read_json(cached).get("eval_fingerprint") == key:
         metrics = read_json(cached)
     else:
