@@ -115,7 +115,7 @@ def test_each_baseline_has_a_views_row_that_differs_by_the_views_flag_only():
 
 
 def test_gradient_shares_are_averaged_over_the_log_steps_that_have_them(tmp_path):
-    from clipdistill.lab.demo import gradient_shares
+    from clipdistill.lab.demo import logged_diagnostics
 
     lines = [
         {"step": 20, "loss": 3.0, "grad_share/clip": 0.2, "grad_share/kd": 0.8},
@@ -123,8 +123,25 @@ def test_gradient_shares_are_averaged_over_the_log_steps_that_have_them(tmp_path
         {"step": 41, "loss": 2.0},  # a log line without shares (a run resumed with the option off)
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    assert gradient_shares(tmp_path) == pytest.approx({"grad_share/clip": 0.4, "grad_share/kd": 0.6})
-    assert gradient_shares(tmp_path / "absent") == {}
+    assert logged_diagnostics(tmp_path) == pytest.approx({"grad_share/clip": 0.4, "grad_share/kd": 0.6})
+    assert logged_diagnostics(tmp_path / "absent") == {}
+
+
+def test_comkds_attention_diagnostics_are_read_and_tabulated(tmp_path):
+    from clipdistill.lab.demo import format_table, logged_diagnostics
+
+    lines = [
+        {"step": 20, "alpha": 0.1, "attention_entropy": 0.002},
+        {"step": 40, "alpha": 0.3, "attention_entropy": 0.004},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert logged_diagnostics(tmp_path) == pytest.approx({"alpha": 0.2, "attention_entropy": 0.003})
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 20, "alpha": 0.0}) + "\n")  # no EduAttention
+    assert logged_diagnostics(tmp_path) == {}
+    results = {
+        "comkd": {"hm": summarize([70.0]), "alpha": summarize([0.2]), "attention_entropy": summarize([0.003])}
+    }
+    assert format_table(results).splitlines()[2] == "| comkd | 70.00 | H/logK 0.003 α 0.20 |"
 
 
 def test_table_shows_each_distillation_rows_gradient_shares():
@@ -157,14 +174,18 @@ def test_distillation_rows_train_with_gradient_shares_on_their_first_seed_and_no
 
 
 def test_a_rows_shares_come_from_the_seeds_that_logged_them():
-    from clipdistill.lab.demo import share_keys
+    from clipdistill.lab.demo import diagnostic_keys
 
     first = {"zeroshot_top1": 80.0, "grad_share/cd": 0.7, "grad_share/clip": 0.3}
-    assert share_keys([first, {"zeroshot_top1": 81.0}, {"zeroshot_top1": 82.0}]) == [
+    assert diagnostic_keys([first, {"zeroshot_top1": 81.0}, {"zeroshot_top1": 82.0}]) == [
         "grad_share/cd",
         "grad_share/clip",
     ]
-    assert share_keys([{"zeroshot_top1": 81.0}]) == []
+    assert diagnostic_keys([{"zeroshot_top1": 81.0, "alpha": 0.1, "attention_entropy": 0.01}]) == [
+        "alpha",
+        "attention_entropy",
+    ]
+    assert diagnostic_keys([{"zeroshot_top1": 81.0}]) == []
 
 
 def test_comkd_rows_share_one_target_domain():

@@ -119,19 +119,25 @@ def _needs_clusters(cfg: RunConfig) -> bool:
     return any(ROWS.get(row, {}).get("train.method") == "cid" for row in cfg.lab.rows)
 
 
-def gradient_shares(folder: Path) -> dict[str, float]:
-    """`grad_share/<term>` of a train folder's metrics.jsonl, averaged over the log steps that have it
-    (runs with `--train.grad_share true`); empty for a run without."""
+# ComKD's EduAttention, logged on every log step: its attention's entropy / log K (1: uniform) and gate α
+ATTENTION_KEYS = ("attention_entropy", "alpha")
+
+
+def logged_diagnostics(folder: Path) -> dict[str, float]:
+    """Means over a train folder's log steps (metrics.jsonl) of `grad_share/<term>` (runs with
+    `--train.grad_share true`) and, for ComKD with EduAttention, of `ATTENTION_KEYS`; empty without."""
     path = folder / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.is_file() else []
     records = [json.loads(line) for line in lines if line.strip()]
     keys = sorted({key for r in records for key in r if key.startswith("grad_share/")})
+    if any("attention_entropy" in r for r in records):
+        keys += ATTENTION_KEYS
     return {key: statistics.fmean(r[key] for r in records if key in r) for key in keys}
 
 
 def evaluated(cfg: RunConfig, name: str) -> dict:
     """Eval metrics of train folder `name`, reused while the model and eval settings are unchanged, with
-    its training seconds and gradient shares."""
+    its training seconds and logged diagnostics."""
     folder = model_dir(cfg, name)
     key = fingerprint({"done": read_json(folder / "done.json"), "eval": to_dict(cfg.eval)})
     cached = folder / f"{eval_stem(cfg)}.json"
@@ -141,7 +147,7 @@ def evaluated(cfg: RunConfig, name: str) -> dict:
         metrics = run_eval(replace(cfg, {"train.name": name})) | {"eval_fingerprint": key}
         write_json(cached, metrics)
     seconds = read_json(folder / "done.json")["train_seconds"]
-    return metrics | {"train_seconds": seconds} | gradient_shares(folder)
+    return metrics | {"train_seconds": seconds} | logged_diagnostics(folder)
 
 
 def train_teacher(cfg: RunConfig, seed: int = 0, name: str = "teacher") -> dict:
@@ -190,14 +196,14 @@ def run_rows(cfg: RunConfig) -> dict[str, dict]:
                 run_embed(run_cfg)
             train(run_cfg)
             per_seed.append(evaluated(run_cfg, run_cfg.train.name))
-        keys = [m for m in METRICS if m in per_seed[0]] + share_keys(per_seed)
+        keys = [m for m in METRICS if m in per_seed[0]] + diagnostic_keys(per_seed)
         results[row] = {m: summarize([float(s[m]) for s in per_seed if m in s]) for m in keys}
     return results
 
 
-def share_keys(per_seed: list[dict]) -> list[str]:
-    """The `grad_share/<term>` keys any seed of a row logged (the first seed's, see `row_config`)."""
-    return sorted({k for s in per_seed for k in s if k.startswith("grad_share/")})
+def diagnostic_keys(per_seed: list[dict]) -> list[str]:
+    """The diagnostics any seed of a row logged (shares on the first seed only, see `row_config`)."""
+    return sorted({k for s in per_seed for k in s if k.startswith("grad_share/") or k in ATTENTION_KEYS})
 
 
 def format_shares(row: dict) -> str:
@@ -206,12 +212,20 @@ def format_shares(row: dict) -> str:
     return " ".join(f"{key.removeprefix('grad_share/')} {row[key]['mean']:.2f}" for key in terms)
 
 
+def format_attention(row: dict) -> str:
+    """ComKD's attention as `H/logK 0.003 α 0.09` (means over log steps and seeds; "" without)."""
+    if "attention_entropy" not in row:
+        return ""
+    return f"H/logK {row['attention_entropy']['mean']:.3f} α {row['alpha']['mean']:.2f}"
+
+
 def format_table(results: dict[str, dict]) -> str:
-    """The rows as Markdown: mean ± std of each metric, and `shares`, each loss term's mean share of the
-    gradient (the seeds trained with `train.grad_share`)."""
+    """The rows as Markdown: mean ± std of each metric, `shares`, each loss term's mean share of the
+    gradient (the seeds trained with `train.grad_share`), and ComKD's `attention` diagnostics."""
     columns = [m for m in METRICS if any(m in r for r in results.values())]
-    with_shares = any(format_shares(r) for r in results.values())
-    header = columns + ["shares"] * with_shares
+    extras = {"shares": format_shares, "attention": format_attention}
+    extras = {name: fmt for name, fmt in extras.items() if any(fmt(r) for r in results.values())}
+    header = columns + list(extras)
     lines = ["| row | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for name, row in results.items():
         cells = []
@@ -224,8 +238,7 @@ def format_table(results: dict[str, dict]) -> str:
                 cells.append(f"{row[m]['mean']:.2f} ± {row[m]['std']:.2f}")
             else:
                 cells.append(f"{row[m]['mean']:.2f}")
-        if with_shares:
-            cells.append(format_shares(row))
+        cells += [fmt(row) for fmt in extras.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
