@@ -82,8 +82,8 @@ def param_groups(task: Task, weight_decay: float) -> list[dict]:
 def make_optimizer(task: Task, tc: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (open_clip's betas) or SGD with momentum 0.9 (CoOp's choice for a few context vectors).
 
-    AdamW runs fused (one kernel over all parameters, on CPU and GPU): a tenth of a lab student's
-    step on 2 cores is the per-parameter loop it replaces (benchmarks/README.md, "Performance")."""
+    AdamW runs fused (one kernel over all parameters, on CPU and GPU) instead of looping over them:
+    part of the faster lab student step measured in benchmarks/README.md, "The lab grid"."""
     groups = param_groups(task, tc.weight_decay)
     if tc.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=tc.lr, momentum=0.9)

@@ -149,8 +149,8 @@ def test_a_target_domain_has_its_own_cache(tmp_path):
 
 
 def test_the_lab_students_context_holds_every_lab_caption_whole():
-    """The lab student reads 16 tokens (half the teacher's 32, a fifth of its training step): every
-    caption the lab makes, class names and templates, must end inside it (its EOS token is pooled)."""
+    """The lab student reads 16 tokens (half the teacher's 32, for a faster step): every caption the
+    lab makes, class names and templates, must end inside it (its EOS token is pooled)."""
     student = create_student(ModelConfig(name="lab-student"))
     captions = [template.format(c=name) for template in TEMPLATES for name in CLASSNAMES]
     tokens = student.tokenizer(captions)

@@ -107,7 +107,7 @@ def row_config(cfg: RunConfig, row: str, seed: int) -> RunConfig:
         raise ValueError(f"unknown lab row {row!r}; known rows: {sorted(ROWS)}")
     name = seed_run_name(row, seed, cfg.lab.seeds)
     # distillation rows log each loss term's gradient share on their first seed (on log steps only;
-    # training is unchanged): a backward pass per term costs a fifth of a lab student's training time
+    # training is unchanged): one backward pass per term on each log step, about 5% of a lab job
     distills = needs_teacher_cache(ROWS[row].get("train.method", cfg.train.method))
     shares = cfg.lab.grad_share and distills and seed == cfg.lab.seeds[0]
     overrides = {"train.name": name, "train.seed": seed, "train.role": "student", "train.grad_share": shares}
