@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from clipdistill.cache import CacheMismatchError, TeacherCache
 from clipdistill.checkpoint import save_state_dict
-from clipdistill.config import ModelConfig, load_config
+from clipdistill.config import ConfigError, ModelConfig, load_config
 from clipdistill.data.sources import make_pair_source
 from clipdistill.embed import run_embed
 from clipdistill.models.factory import create_model, create_teacher
@@ -115,7 +115,30 @@ def test_other_teacher_or_settings_are_refused(tmp_path, built):
 
     cache = TeacherCache(cache_dir(cfg))
     cache.check(data_id(cfg))
+    other = tmp_path / "other.csv"
+    other.write_text(Path(cfg.data.path).read_text().replace(",a ", ",one ", 1))
     with pytest.raises(CacheMismatchError, match="was built from data"):
-        cache.check(data_id(load_config(None, _args(cfg.run_dir, tmp_path / "other.csv", "x"))))
+        cache.check(data_id(load_config(None, _args(cfg.run_dir, other, "x"))))
     with pytest.raises(CacheMismatchError, match="not the configured one"):
         cache.check(data_id(cfg), fingerprint="0123456789abcdef")
+
+
+def test_an_edited_table_is_new_data_and_a_moved_one_is_not(tmp_path, built):
+    """The cache is keyed on the table's contents: same path, edited caption -> refused, not reused."""
+    cfg, _ = built
+    moved = tmp_path / "elsewhere" / "pairs.csv"
+    moved.parent.mkdir()
+    moved.write_bytes(Path(cfg.data.path).read_bytes())
+    TeacherCache(cache_dir(cfg)).check(data_id(load_config(None, _args(cfg.run_dir, moved, "x"))))
+
+    run_dir = tmp_path / "run"
+    table = tmp_path / "table.csv"
+    table.write_bytes(Path(cfg.data.path).read_bytes())
+    args = _args(run_dir, table, cfg.teacher.pretrained, "--embed.shard_size", "256")
+    run_embed(load_config(None, args))
+    lines = table.read_text().splitlines(keepends=True)
+    table.write_text("".join([*lines[:-1], lines[-1].replace(",a ", ",an old ")]))
+    with pytest.raises(CacheMismatchError, match="data csv:sha256-"):
+        run_embed(load_config(None, args))
+    with pytest.raises(ConfigError, match="is not a file"):
+        data_id(load_config(None, _args(run_dir, tmp_path / "missing.csv", "x")))

@@ -156,8 +156,9 @@ class TeacherCache:
         """Refuse a cache built from other data (or, when given, by another teacher)."""
         if self.meta.data_id != data_id:
             raise CacheMismatchError(
-                f"teacher cache at {self.folder} was built from data {self.meta.data_id!r}, not {data_id!r}: "
-                "rerun `clipdistill embed` for this data (or point --run_dir at the matching run)"
+                f"teacher cache at {self.folder} was built from data {self.meta.data_id!r}, not {data_id!r} "
+                "(a table is identified by its contents: an edited one is new data): rerun `clipdistill "
+                "embed` for this data (or point --run_dir at the matching run)"
             )
         if fingerprint is not None and self.meta.fingerprint != fingerprint:
             raise CacheMismatchError(
@@ -343,9 +344,10 @@ def build_cache(
         old = CacheMeta(**read_json(meta_path))
         if old != meta:
             raise CacheMismatchError(
-                f"the cache at {folder} was started with other settings (teacher {old.model_id}, fingerprint "
-                f"{old.fingerprint}, {old.num_samples} samples, shard size {old.shard_size}); now "
-                f"{meta.model_id}, {meta.fingerprint}, {meta.num_samples}, {meta.shard_size}. "
+                f"the cache at {folder} was started with other settings (teacher {old.model_id}, data "
+                f"{old.data_id}, fingerprint {old.fingerprint}, {old.num_samples} samples, shard size "
+                f"{old.shard_size}); now {meta.model_id}, {meta.data_id}, {meta.fingerprint}, "
+                f"{meta.num_samples}, {meta.shard_size}. "
                 f"Delete {folder} to rebuild it"
             )
     elif rank == 0:

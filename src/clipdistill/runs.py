@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from pathlib import Path
 
-from clipdistill.config import RunConfig
+from clipdistill.config import ConfigError, RunConfig
 
 
 def model_name(cfg: RunConfig, chosen: str = "") -> str:
@@ -43,7 +45,24 @@ def data_id(cfg: RunConfig) -> str:
     d = cfg.data
     if d.kind == "paper":  # the dataset's whole train split: stage 1's few-shot images are rows of it
         return f"paper:{d.dataset}:{d.path}"
+    if d.kind == "csv":  # by content: an edited table is other data; a moved one, or another cwd, is not
+        return f"csv:sha256-{table_digest(d.path)}:val{d.val_size}:train{d.train_size}"
     return f"{d.kind}:{d.path or 'default'}:val{d.val_size}:train{d.train_size}"
+
+
+def table_digest(path: str) -> str:
+    """The first 16 hex digits of the sha256 of a table's bytes, hashed once per version of the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"data.path {path!r} is not a file: give the CSV, TSV or Parquet table of pairs")
+    stat = file.stat()
+    return _file_digest(file.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def run_path(cfg: RunConfig, path: str) -> Path:
