@@ -42,10 +42,11 @@ STAGE2 = COMKD_TARGET
 PROMPTKD = {"train.method": "promptkd", "train.lr": 0.001}
 COMKD = {"train.method": "comkd", "comkd.lambda_align": 0.1, "train.lr": 0.001}
 # The baselines at their validation-chosen settings (benchmarks/screen_baselines.py): where the screen
-# chose the origin's value, the `distill` keys stay unset (docs/methods.md, "Baselines").
+# chose the origin's value, the `distill` keys stay unset (docs/methods.md, "Baselines"). The student
+# learning rate was screened for every grid row (benchmarks/screen_lr.py): only CRD's moved.
 BASELINES = {
     "fd": {"train.method": "fd"},
-    "crd": {"train.method": "crd"},
+    "crd": {"train.method": "crd", "train.lr": 0.001},
     "icl": {"train.method": "icl", "distill.weight": 0.3},
     "tinyclip_affinity": {"train.method": "tinyclip_affinity", "distill.affinity_logit_scale": 25.0},
 }
