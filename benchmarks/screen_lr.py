@@ -126,9 +126,7 @@ def main() -> None:
                 report["chosen"] = choose(report)
                 print(row, f"lr {lr:g}", {k: round(v, 2) for k, v in entry["runs"][-1].items()}, flush=True)
                 write_json(out.with_suffix(".json"), report)
-                out.with_suffix(".md").write_text(
-                    f"# Student learning rate on validation\n\n{table(report)}\n"
-                )
+                out.with_suffix(".md").write_text(f"{TITLE}\n\n{table(report)}\n")
     print(table(report))
 
 

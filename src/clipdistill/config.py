@@ -140,6 +140,9 @@ class CidConfig:
 
     lambda_cd: float = 1.0  # cluster discrimination weight (0 = off)
     lambda_id: float = 1.0  # instance discrimination weight (0 = off)
+    # relational term (not the paper's; 0 = off): CLIP-KD's CRD on the batch, student vs teacher
+    # image<->text similarity distributions, at its origin settings (T 1, teacher logit scale 100)
+    lambda_rd: float = 0.0
     scale: float = 32.0
     margin: float = 0.2
     learnable_prototypes: bool = False
@@ -272,6 +275,7 @@ NEWER_DEFAULTS = {
     "comkd": {"eduattention": "mean_text", "attention_heads": 1, "attention_temperature": 0.01,
               "ifalign_reduction": "mean", "kd_reduction": "batchmean", "student_vpt_depth": 0,
               "student_vpt_tokens": 4, "freeze_backbone": False},
+    "cid": {"lambda_rd": 0.0},
     "distill": {"icl_own_scale": False, "clip_weight": 1.0, "affinity_logit_scale": 0.0},
     "train": {"augment": 0.0},
 }  # fmt: skip

@@ -55,6 +55,23 @@ def test_zero_lambdas_leave_the_clip_loss(tiny_cache, tmp_path):
         assert r["loss"] == pytest.approx(r["clip"]) and r["cd"] == r["id"] == 0.0
 
 
+def test_the_relational_term_is_added_on_request_and_off_by_default(tiny_cache, tmp_path):
+    from clipdistill.config import to_dict
+    from clipdistill.train import _fingerprinted
+
+    cfg = stage_config(
+        tiny_cache, tmp_path / "run", "--train.method", "cid", "--train.steps", "2", "--cid.lambda_rd", "0.5",
+    )  # fmt: skip
+    run_cluster(cfg)
+    train(cfg)
+    for r in _metrics(tmp_path / "run", "cid"):
+        assert math.isfinite(r["rd"]) and r["rd"] > 0
+        assert r["loss"] == pytest.approx(r["clip"] + r["cd"] + r["id"] + 0.5 * r["rd"], rel=1e-4)
+    default = stage_config(tiny_cache, tmp_path / "other", "--train.method", "cid")
+    assert "lambda_rd" not in _fingerprinted(to_dict(default))["cid"]  # runs from before the key still match
+    assert "lambda_rd" in _fingerprinted(to_dict(cfg))["cid"]
+
+
 def test_task_holds_no_teacher_and_needs_clusters(tiny_cache, tmp_path):
     from clipdistill.cache import TeacherCache
     from clipdistill.methods import build_task, needs_teacher_cache

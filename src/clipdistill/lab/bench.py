@@ -21,13 +21,13 @@ ALIASES = {"cid_all_data": "cid", "cid_views": "cid_views2"}
 # Every row of the lab results (docs/architecture.md); the teacher is always evaluated.
 ALL_ROWS = [
     "no_kd", "cid", "cid_no_cluster", "cid_no_instance", "cid_balanced", "cid_random_subset",
-    "cid_all_data", "fd", "crd", "icl", "tinyclip_affinity", "teacher_zeroshot",
+    "cid_all_data", "cid_rd", "fd", "crd", "icl", "tinyclip_affinity", "teacher_zeroshot",
     "prompt_teacher", "student_zeroshot", "promptkd", "comkd", "comkd_no_ifalign", "comkd_no_eduattention",
 ]  # fmt: skip
 GROUPS = {
     "cid": [
         "no_kd", "cid", "cid_no_cluster", "cid_no_instance", "cid_balanced", "cid_random_subset",
-        "cid_all_data",
+        "cid_all_data", "cid_rd",
     ],
     # openclip_distill is crd at its origin settings (one gradient, docs/methods.md): not trained twice
     "baselines": ["no_kd", "fd", "crd", "icl", "tinyclip_affinity", "cid"],
@@ -48,9 +48,12 @@ GROUPS = {
     ],
 }  # fmt: skip
 # Rows the grid trains on seed 0 only, to fit its hour on 2 cores: ablations that no comparison of the
-# grid rests on (the best CID row is `cid_balanced`) and the untrained student. `--lab.first_seed_rows "[]"`
-# gives them every seed too.
-FIRST_SEED_ROWS = ["cid", "cid_no_cluster", "cid_no_instance", "cid_random_subset", "student_zeroshot"]
+# grid rests on (CID's and ComKD's; the headline rows `cid_balanced`, `cid_rd`, `promptkd` and `comkd` keep
+# every seed) and the untrained student. `--lab.first_seed_rows "[]"` gives them every seed too.
+FIRST_SEED_ROWS = [
+    "cid", "cid_no_cluster", "cid_no_instance", "cid_random_subset", "student_zeroshot", "comkd_no_ifalign",
+    "comkd_no_eduattention",
+]  # fmt: skip
 # What `bench` changes in the config it is given, before the user's own overrides.
 BENCH_OVERRIDES = [
     "--run_dir", "runs/bench",

@@ -15,15 +15,24 @@ from torch import nn
 
 from clipdistill.cache import TeacherCache
 from clipdistill.config import CidConfig, ConfigError, RunConfig
-from clipdistill.losses.baselines import Projection
+from clipdistill.losses.baselines import ContrastiveRelationalLoss, Projection
 from clipdistill.losses.cid import ClusterDiscriminationLoss, InstanceDiscriminationLoss
 from clipdistill.methods.clip import ClipTask
 from clipdistill.methods.task import CacheUse
 from clipdistill.runs import model_dir
 
+# The teacher's logit scale in L_rd: the cache does not store it; CLIP's trained value, as `crd`'s default
+TEACHER_LOGIT_SCALE = 100.0
+
 
 class CidTask(ClipTask):
-    """L = L_clip + λ_cd·L_cd + λ_id·L_id; a λ of 0 skips its term (reported as 0).
+    """L = L_clip + λ_cd·L_cd + λ_id·L_id (+ λ_rd·L_rd, off by default); a λ of 0 skips its term
+    (reported as 0).
+
+    L_rd is not part of CLIP-CID: CLIP-KD's contrastive relational term (`crd`), which asks the
+    student's in-batch image<->text similarity distributions to match the teacher's. Instance
+    discrimination's targets are one-hot (each sample is its own class); L_rd's are the teacher's
+    soft similarities, which say how alike the other samples of the batch are.
 
     Only the modules a term uses are built, so DDP never meets a parameter without a gradient.
     """
@@ -50,6 +59,9 @@ class CidTask(ClipTask):
         if cfg.lambda_id:
             self.proj_text = Projection(student_dim, text_dim)
             self.id_loss = InstanceDiscriminationLoss(temperature=cfg.temperature)
+        if cfg.lambda_rd:
+            self.rd_loss = ContrastiveRelationalLoss()
+            self.register_buffer("teacher_logit_scale", torch.tensor(TEACHER_LOGIT_SCALE), persistent=False)
         if cfg.lambda_cd:
             self.proj_cluster = (
                 self.proj_image if centroid_dim == image_dim else Projection(student_dim, centroid_dim)
@@ -94,8 +106,13 @@ class CidTask(ClipTask):
             terms["term/cd"] = self.cfg.lambda_cd * cd
         if self.cfg.lambda_id:
             terms["term/id"] = self.cfg.lambda_id * id_
-        loss = clip + self.cfg.lambda_cd * cd + self.cfg.lambda_id * id_
-        return {"loss": loss, "clip": clip.detach(), "cd": cd.detach(), "id": id_.detach(), **terms}
+        losses = {"clip": clip.detach(), "cd": cd.detach(), "id": id_.detach()}
+        if self.cfg.lambda_rd:
+            teacher = batch["teacher_image"], batch["teacher_text"]
+            rd = self.rd_loss(image, text, *teacher, self.model.logit_scale.exp(), self.teacher_logit_scale)
+            terms["term/rd"] = self.cfg.lambda_rd * rd
+            losses["rd"] = rd.detach()
+        return {"loss": sum(terms.values()), **losses, **terms}
 
     def heads(self) -> dict[str, nn.Module]:
         """The projections to teacher space (and learnt prototypes): what reusing the student's
