@@ -22,7 +22,6 @@ each run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -30,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.screen_baselines import summary, val_zeroshot  # noqa: E402
 
-from clipdistill.checkpoint import write_json  # noqa: E402
+from clipdistill.checkpoint import read_json, write_json  # noqa: E402
 from clipdistill.config import ConfigError, load_config, replace  # noqa: E402
 from clipdistill.data.lab import load_lab  # noqa: E402
 from clipdistill.lab import LAB_CONFIG, evaluated, row_config  # noqa: E402
@@ -53,7 +52,7 @@ def run_point(base, row: str, lr: float, seed: int, lab) -> dict:
         train(cfg)
         write_json(cached, {"val_zeroshot_top1": val_zeroshot(cfg, name, lab)})
     metrics = dict(evaluated(cfg, name))
-    metrics.update(json.loads(cached.read_text()))
+    metrics.update(read_json(cached))
     return {"seed": seed, **{key: metrics[key] for key in KEYS}}
 
 
@@ -113,8 +112,8 @@ def main() -> None:
         parser.error(f"{args.run_dir} has no teacher cache: run `make bench` (or `bench --only cid`) first")
     seeds = [int(s) for s in args.seeds.split(",")]
     lab = load_lab(base.data)
-    report = {"seeds": seeds, "overrides": overrides, "shared_lr": f"{base.train.lr:g}", "points": {}}
-    report["chosen"] = {}
+    shared = f"{base.train.lr:g}"
+    report = {"seeds": seeds, "overrides": overrides, "shared_lr": shared, "points": {}, "chosen": {}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for row in args.rows.split(","):
