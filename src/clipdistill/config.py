@@ -257,6 +257,9 @@ class LabConfig:
     first_seed_rows: list[str] = field(default_factory=list)  # rows trained on the first seed only
     grad_share: bool = True  # distillation rows log each loss term's gradient share on their first seed
     results: str = "results.json"  # written in the run dir
+    # student trainings (with their evaluations) run at once, each in its own process with this share of
+    # the threads; 1: one after another in this process. Results depend on the threads per training.
+    jobs: int = 1
 
 
 @dataclass

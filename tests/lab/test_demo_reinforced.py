@@ -22,11 +22,12 @@ def test_views_and_ensemble_rows_build_their_caches_first(monkeypatch, tmp_path)
         str(LAB_CONFIG), ["--run_dir", str(tmp_path), "--lab.rows", rows, "--lab.seeds", "[0, 1]"]
     )
     results = demo.run_rows(cfg)
-    assert calls == [
-        ("embed", "cache_views2"), ("train", "cid_views2_seed0"),
-        ("embed", "cache_views2"), ("train", "cid_views2_seed1"),
-        ("teacher", 1, "teacher_seed1"), ("embed", "cache_ensemble2"), ("train", "cid_ensemble_seed0"),
-        ("teacher", 1, "teacher_seed1"), ("embed", "cache_ensemble2"), ("train", "cid_ensemble_seed1"),
+    assert calls == [  # every job's caches (each reused after its first build), then the trainings
+        ("embed", "cache_views2"), ("embed", "cache_views2"),
+        ("teacher", 1, "teacher_seed1"), ("embed", "cache_ensemble2"),
+        ("teacher", 1, "teacher_seed1"), ("embed", "cache_ensemble2"),
+        ("train", "cid_views2_seed0"), ("train", "cid_views2_seed1"),
+        ("train", "cid_ensemble_seed0"), ("train", "cid_ensemble_seed1"),
     ]  # fmt: skip
     assert results["cid_views2"]["zeroshot_top1"] == summarize([80.0, 80.0])
     ensemble = demo.row_config(cfg, "cid_ensemble", 0)

@@ -6,13 +6,20 @@ only re-reads results, and a killed one continues where it stopped.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import multiprocessing
+import signal
 import statistics
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import torch
+
 from clipdistill.checkpoint import read_json, write_json
-from clipdistill.config import RunConfig, fingerprint, replace, to_dict
+from clipdistill.config import ConfigError, RunConfig, fingerprint, replace, to_dict
 from clipdistill.curate.stages import run_balance, run_cluster
 from clipdistill.embed import run_embed
 from clipdistill.evaluate.run import eval_stem, run_eval
@@ -189,20 +196,72 @@ def run_rows(cfg: RunConfig) -> dict[str, dict]:
         target = evaluated(replace(cfg, COMKD_TARGET), "teacher")
         protocol = ("zeroshot_top1", "base_acc", "novel_acc", "hm", "domain_shift_avg")
         results["teacher_zeroshot"] = {m: summarize([target[m]]) for m in protocol}
+    jobs = [
+        (row, seed)
+        for row in cfg.lab.rows
+        for seed in (cfg.lab.seeds[:1] if row in cfg.lab.first_seed_rows else cfg.lab.seeds)
+    ]
+    for row, seed in jobs:  # what a row reads besides the plain cache, built here once (reused after)
+        run_cfg = row_config(cfg, row, seed)
+        if run_cfg.embed.ensemble:
+            train_teacher(cfg, seed=1, name=SECOND_TEACHER)
+        if run_cfg.data.domain or run_cfg.embed.views > 1 or run_cfg.embed.ensemble:
+            run_embed(run_cfg)
+    metrics = run_jobs(cfg, jobs)
     for row in cfg.lab.rows:
-        per_seed = []
-        for seed in cfg.lab.seeds[:1] if row in cfg.lab.first_seed_rows else cfg.lab.seeds:
-            run_cfg = row_config(cfg, row, seed)
-            if run_cfg.embed.ensemble:
-                train_teacher(cfg, seed=1, name=SECOND_TEACHER)
-            # a target set, a reinforced cache or an ensemble: that cache first
-            if run_cfg.data.domain or run_cfg.embed.views > 1 or run_cfg.embed.ensemble:
-                run_embed(run_cfg)
-            train(run_cfg)
-            per_seed.append(evaluated(run_cfg, run_cfg.train.name))
+        per_seed = [metrics[job] for job in jobs if job[0] == row]
         keys = [m for m in METRICS if m in per_seed[0]] + diagnostic_keys(per_seed)
         results[row] = {m: summarize([float(s[m]) for s in per_seed if m in s]) for m in keys}
     return results
+
+
+def train_and_evaluate(cfg: RunConfig, row: str, seed: int) -> dict:
+    """One job of the grid: train `row` for `seed` (resumed or reused) and evaluate it."""
+    run_cfg = row_config(cfg, row, seed)
+    train(run_cfg)
+    return evaluated(run_cfg, run_cfg.train.name)
+
+
+def reads_prompt_teacher(row: str) -> bool:
+    """ComKD's stage-2 rows distil from the same seed's `prompt_teacher`: they wait for it."""
+    return ROWS[row].get("train.method") in ("promptkd", "comkd")
+
+
+def run_jobs(cfg: RunConfig, jobs: list[tuple[str, int]]) -> dict[tuple[str, int], dict]:
+    """Each (row, seed) job's metrics. With `lab.jobs` > 1 they run that many at a time, each in a fresh
+    process with `threads // lab.jobs` threads: small models use two single-threaded trainings better
+    than one two-threaded one. Stage-2 rows start once every other job has finished."""
+    if cfg.lab.jobs < 1:
+        raise ConfigError(f"lab.jobs: {cfg.lab.jobs} trainings at a time; expected at least 1")
+    if cfg.lab.jobs == 1:
+        return {job: train_and_evaluate(cfg, *job) for job in jobs}
+    threads = max(1, torch.get_num_threads() // cfg.lab.jobs)
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's thread pool
+    pool = ProcessPoolExecutor(cfg.lab.jobs, mp_context=context, initializer=_worker_init, initargs=[threads])
+    metrics = {}
+    with pool:
+        try:
+            for wave in job_waves(jobs):
+                futures = {job: pool.submit(train_and_evaluate, cfg, *job) for job in wave}
+                metrics |= {job: future.result() for job, future in futures.items()}
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # a failed job stops the grid, as it does one job at a time
+            raise
+    return metrics
+
+
+def job_waves(jobs: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
+    """The jobs in the order they may run at once: everything but ComKD's stage 2, then stage 2."""
+    stage2 = [job for job in jobs if reads_prompt_teacher(job[0])]
+    return [[job for job in jobs if job not in stage2], stage2]
+
+
+def _worker_init(threads: int) -> None:
+    """A job process: its share of the threads, and killed with the bench (a `kill -9` of the bench must
+    not leave a training behind that a rerun would race)."""
+    torch.set_num_threads(threads)
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def diagnostic_keys(per_seed: list[dict]) -> list[str]:
