@@ -13,11 +13,13 @@ from clipdistill.config import ConfigError, load_config
 from clipdistill.runs import model_dir
 from conftest import needs_lab, tiny_overrides
 
-TIMINGS = (
-    "eval_seconds",
-    "train_seconds",
-    "eval_fingerprint",
-)  # the last hashes done.json, which has the time
+# what differs between two runs of one model: times, and the eval fingerprint (it hashes done.json, which
+# holds the training time)
+TIMINGS = ("eval_seconds", "train_seconds", "eval_fingerprint")
+
+
+def without_timings(metrics: dict) -> dict:
+    return {key: value for key, value in metrics.items() if key not in TIMINGS}
 
 
 def test_comkd_stage_2_waits_for_every_other_job():
@@ -32,15 +34,9 @@ def test_comkd_stage_2_waits_for_every_other_job():
 def test_two_jobs_at_a_time_give_the_results_of_one_at_a_time(tmp_path):
     def config(run_dir, jobs):
         rows = [
-            "--lab.rows",
-            '["no_kd"]',
-            "--lab.seeds",
-            "[0, 1]",
-            "--lab.jobs",
-            str(jobs),
-            "--lab.teacher_steps",
-            "4",
-        ]
+            "--lab.rows", '["no_kd"]', "--lab.seeds", "[0, 1]",
+            "--lab.jobs", str(jobs), "--lab.teacher_steps", "4",
+        ]  # fmt: skip
         return load_config(None, tiny_overrides(run_dir, *rows, "--eval.linear_probe", "false"))
 
     one_by_one, at_once = config(tmp_path / "one", 1), config(tmp_path / "two", 2)
@@ -55,8 +51,9 @@ def test_two_jobs_at_a_time_give_the_results_of_one_at_a_time(tmp_path):
         got = demo.run_jobs(at_once, jobs)
     finally:
         torch.set_num_threads(threads)
-    drop = lambda metrics: {k: v for k, v in metrics.items() if k not in TIMINGS}  # noqa: E731
-    assert {job: drop(m) for job, m in got.items()} == {job: drop(m) for job, m in expected.items()}
+    assert {job: without_timings(m) for job, m in got.items()} == {
+        job: without_timings(m) for job, m in expected.items()
+    }
     assert expected[jobs[0]]["zeroshot_top1"] != expected[jobs[1]]["zeroshot_top1"]  # two seeds, two models
     assert all((model_dir(at_once, f"no_kd_seed{s}") / "done.json").is_file() for s in (0, 1))
 

@@ -14,15 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipdistill.cache import TeacherCache
-from clipdistill.config import CidConfig, ConfigError, RunConfig
+from clipdistill.config import CidConfig, ConfigError, DistillConfig, RunConfig
 from clipdistill.losses.baselines import ContrastiveRelationalLoss, Projection
 from clipdistill.losses.cid import ClusterDiscriminationLoss, InstanceDiscriminationLoss
 from clipdistill.methods.clip import ClipTask
 from clipdistill.methods.task import CacheUse
 from clipdistill.runs import model_dir
 
-# The teacher's logit scale in L_rd: the cache does not store it; CLIP's trained value, as `crd`'s default
-TEACHER_LOGIT_SCALE = 100.0
+# The teacher's logit scale in L_rd: the cache does not store it, so `crd`'s default (CLIP's trained value)
+TEACHER_LOGIT_SCALE = DistillConfig.teacher_logit_scale
 
 
 class CidTask(ClipTask):
