@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from clipdistill.checkpoint import write_json  # noqa: E402
-from clipdistill.config import BASELINE_ORIGINS, ConfigError, load_config, replace  # noqa: E402
+from clipdistill.config import BASELINE_ORIGINS, ConfigError, DistillConfig, load_config, replace  # noqa: E402
 from clipdistill.data.lab import load_lab  # noqa: E402
 from clipdistill.embed import run_embed  # noqa: E402
 from clipdistill.evaluate.run import image_features, text_features  # noqa: E402
@@ -39,34 +39,48 @@ from clipdistill.lab import LAB_CONFIG, evaluated, row_config, train_teacher  # 
 from clipdistill.models.classifier import load_trained, zeroshot_classifier  # noqa: E402
 from clipdistill.train import train  # noqa: E402
 
-# Baseline -> (the key screened, its values). Each grid holds the origin's value (BASELINE_ORIGINS) and
-# spans it by about 3x (10x for fd's weight, whose origin value is specific to CLIP-KD's widths);
-# TinyCLIP's grid goes one step further down because its lowest point won the first screen.
-GRID: dict[str, tuple[str, tuple[float, ...]]] = {
-    "fd": ("distill.weight", (200.0, 2000.0, 20000.0)),
-    "crd": ("distill.weight", (0.3, 1.0, 3.0)),
-    "icl": ("distill.weight", (0.3, 1.0, 3.0)),
-    "tinyclip_affinity": ("distill.affinity_logit_scale", (12.5, 25.0, 50.0, 100.0)),
+# Baseline -> its points, each the overrides of one run. Each grid holds the origin's settings (the
+# method's defaults, `DistillConfig().for_method`) and spans its main knob by about 3x (10x for fd's
+# weight, whose origin value is specific to CLIP-KD's widths). A grid goes one step further where its
+# edge won (TinyCLIP's lowest scale, crd's highest weight at the teacher's own logit scale). crd is also
+# screened at the teacher logit scale 100 that it ran at before the cache recorded the teacher's own.
+GRID: dict[str, list[dict[str, float]]] = {
+    "fd": [{"distill.weight": w} for w in (200.0, 2000.0, 20000.0)],
+    "crd": [{"distill.weight": w} for w in (0.3, 1.0, 3.0, 10.0)]
+    + [{"distill.weight": w, "distill.teacher_logit_scale": 100.0} for w in (0.3, 1.0, 3.0)],
+    "icl": [{"distill.weight": w} for w in (0.3, 1.0, 3.0)],
+    "tinyclip_affinity": [{"distill.affinity_logit_scale": s} for s in (12.5, 25.0, 50.0, 100.0)],
 }
-SHORT = {"distill.weight": "w", "distill.affinity_logit_scale": "scale"}  # in the runs' names
+# in the runs' names: crd_w1 (the teacher's own scale), crd_w1_t100
+SHORT = {"distill.weight": "w", "distill.affinity_logit_scale": "scale", "distill.teacher_logit_scale": "t"}
 KEYS = ("val_zeroshot_top1", "zeroshot_top1", "linear_probe_top1", "retrieval_i2t_r1", "kd_share")
 
 
+def is_origin(row: str, overrides: dict[str, float]) -> bool:
+    """Whether `overrides` are `row`'s origin settings (what its unset keys resolve to)."""
+    origin = DistillConfig().for_method(row)
+    return row in BASELINE_ORIGINS and all(
+        getattr(origin, k.split(".")[1]) == v for k, v in overrides.items()
+    )
+
+
 def points(only: list[str]) -> list[tuple[str, str, dict]]:
-    """(point name, lab row, overrides) of the screen: every baseline's origin value first (baselines in
-    the order of `only`), then the other values taking turns across baselines, `no_kd` last unless
-    listed first (a cut-short screen has whole points that matter)."""
+    """(point name, lab row, overrides) of the screen: every baseline's origin first (baselines in the
+    order of `only`), then the other points taking turns across baselines in their grids' order,
+    `no_kd` last unless listed first (a cut-short screen has whole points that matter)."""
     grids = []
     for row in [row for row in only if row in GRID]:  # in the order given
-        key, values = GRID[row]
-        origin = BASELINE_ORIGINS[row][key.split(".")[1]]
-        closest_first = sorted(values, key=lambda v: (v != origin, abs(v - origin)))
-        grids.append([(row, key, v) for v in closest_first])
+        origin_first = sorted(GRID[row], key=lambda overrides, row=row: not is_origin(row, overrides))
+        grids.append([(row, overrides) for overrides in origin_first])
     ordered = [grid[i] for i in range(max(map(len, grids), default=0)) for grid in grids if i < len(grid)]
-    out = [(f"{row}_{SHORT[key]}{value:g}", row, {key: value}) for row, key, value in ordered]
+    out = [(point_name(row, overrides), row, overrides) for row, overrides in ordered]
     if "no_kd" not in only:
         return out
     return [("no_kd", "no_kd", {}), *out] if only[0] == "no_kd" else [*out, ("no_kd", "no_kd", {})]
+
+
+def point_name(row: str, overrides: dict[str, float]) -> str:
+    return "_".join([row, *(f"{SHORT[key]}{value:g}" for key, value in overrides.items())])
 
 
 def kd_share(metrics: dict) -> float | None:
@@ -106,8 +120,13 @@ def table(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     order = ["no_kd", *GRID]
-    by_row = sorted(
-        report["points"].items(), key=lambda p: (order.index(p[1]["row"]), *p[1]["overrides"].values())
+    by_row = sorted(  # a baseline's points at another teacher logit scale after its own-scale ones
+        report["points"].items(),
+        key=lambda p: (
+            order.index(p[1]["row"]),
+            p[1]["overrides"].get("distill.teacher_logit_scale", 0.0),
+            *p[1]["overrides"].values(),
+        ),
     )
     for point, entry in by_row:
         s = entry["summary"]
@@ -117,10 +136,7 @@ def table(report: dict) -> str:
             for k in KEYS
         ]  # fmt: skip
         setting = ", ".join(f"{k.split('.')[1]} {v:g}" for k, v in entry["overrides"].items()) or "-"
-        origin = entry["row"] in BASELINE_ORIGINS and all(
-            BASELINE_ORIGINS[entry["row"]].get(k.split(".")[1]) == v for k, v in entry["overrides"].items()
-        )
-        setting += " (origin)" if origin else ""
+        setting += " (origin)" if is_origin(entry["row"], entry["overrides"]) else ""
         chosen = report["chosen"].get(entry["row"]) == point
         name = f"**{entry['row']}**" if chosen else entry["row"]
         lines.append(f"| {name} | {setting} | " + " | ".join(cells) + f" | {len(entry['runs'])} |")
@@ -164,7 +180,7 @@ def main() -> None:
     train_teacher(base)  # reused when the run dir holds it
     run_embed(base)
     lab = load_lab(base.data)
-    report = {"seeds": seeds, "overrides": overrides, "grid": {r: list(v) for r, v in GRID.items()}}
+    report = {"seeds": seeds, "overrides": overrides, "grid": GRID}
     report["points"], report["chosen"] = {}, {}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

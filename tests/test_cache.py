@@ -52,7 +52,18 @@ def test_report(built):
     assert report["num_samples"] == report["valid_samples"] == 512
     assert report["shards_computed"] == NUM_SHARDS and report["skipped_total"] == 0
     shards = {name for s in range(NUM_SHARDS) for name in (f"emb_{s:05d}.npy", f"shard_{s:05d}.json")}
-    assert set(_files(cache_dir(cfg))) == {"meta.json", "valid.npy"} | shards
+    assert set(_files(cache_dir(cfg))) == {"meta.json", "valid.npy", "teacher.json"} | shards
+
+
+def test_the_teachers_own_logit_scale_is_recorded_and_added_to_an_older_cache(built, teacher_weights):
+    cfg, _ = built
+    own = float(create_teacher(cfg.teacher).model.logit_scale.exp())
+    cache = TeacherCache(cache_dir(cfg))
+    assert cache.logit_scale == pytest.approx(own)
+    (cache.folder / "teacher.json").unlink()  # a cache built before the file existed
+    assert TeacherCache(cache_dir(cfg)).logit_scale is None
+    assert run_embed(cfg)["shards_computed"] == 0  # nothing recomputed, the record written again
+    assert TeacherCache(cache_dir(cfg)).logit_scale == pytest.approx(own)
 
 
 @pytest.mark.slow

@@ -71,6 +71,13 @@ def test_each_teacher_is_cached_as_it_would_be_alone(caches):
     )
 
 
+def test_the_ensembles_logit_scale_is_the_teachers_mean(caches):
+    alone, both, _ = caches
+    scales = [TeacherCache(cache_dir(cfg)).logit_scale for cfg in alone]
+    assert None not in scales
+    assert TeacherCache(cache_dir(both)).logit_scale == pytest.approx(sum(scales) / 2)
+
+
 def test_rows_are_the_teachers_side_by_side_with_mean_dot_products(caches):
     alone, both, _ = caches
     cache = TeacherCache(cache_dir(both))

@@ -7,6 +7,8 @@ Layout of a cache folder:
     valid.npy              bool [rows], every shard's validity in one array (written when all are done)
     manifest.npz           WebDataset data: records and valid records per tar shard, digests of their
                            keys (`ShardIndex`), so `train` maps a sample to its row without a key table
+    teacher.json           the teacher's own logit scale (null for a model without one): what the
+                           relational losses scale its similarities by (written last, on every `embed`)
 With `embed.views N > 1` (a reinforced cache, `data/views.py`) each shard also has
     aug_00000.npy          float32 [rows, N, 5], every view's crop box and flip (view 0: the identity)
     views_00000.npy        float16 [rows, N - 1, image_dim], the teacher's image embedding of views 1..N-1
@@ -140,6 +142,16 @@ class TeacherCache:
                 image_dim=sum(m.meta.image_dim for m in [self, *self.members]),
                 text_dim=sum(m.meta.text_dim for m in [self, *self.members]),
             )
+
+    @property
+    def logit_scale(self) -> float | None:
+        """The teacher's own logit scale (an ensemble's: the teachers' mean, as its similarities are);
+        None when a teacher has none, or the cache predates `teacher.json`."""
+        scales = []
+        for cache in (self, *self.members):
+            path = cache.folder / "teacher.json"
+            scales.append(read_json(path).get("logit_scale") if path.is_file() else None)
+        return None if None in scales else sum(scales) / len(scales)
 
     def manifest(self) -> tuple[ShardIndex, np.ndarray] | None:
         """The WebDataset manifest (the shards' index, valid records per shard), if `embed` wrote one."""
@@ -322,6 +334,14 @@ def check_manifest(folder: str | Path, index: ShardIndex) -> None:
         )
 
 
+def own_logit_scale(teacher: torch.nn.Module) -> float | None:
+    """The scale a CLIP model multiplies its cosine similarities by (exp of its learnt log), or None."""
+    log_scale = getattr(teacher, "logit_scale", None)
+    if not isinstance(log_scale, torch.Tensor) or log_scale.numel() != 1:
+        return None
+    return float(log_scale.detach().float().exp())
+
+
 def build_cache(
     folder: str | Path,
     meta: CacheMeta,
@@ -385,6 +405,8 @@ def build_cache(
     skipped = sum(distributed.all_gather_objects(skipped))
     if rank == 0 and not (folder / "valid.npy").is_file():
         save_npy(folder / "valid.npy", shard_validity(folder, meta.num_shards))
+    if rank == 0:  # also on a finished cache, so one built before this file existed gains it
+        write_json(folder / "teacher.json", {"logit_scale": own_logit_scale(teacher)})
     distributed.barrier()
     computed = sum(distributed.all_gather_objects(len(todo)))
     return {"shards_computed": computed, "seconds": time.time() - start, "skipped_in_this_run": skipped}

@@ -141,8 +141,11 @@ class CidConfig:
     lambda_cd: float = 1.0  # cluster discrimination weight (0 = off)
     lambda_id: float = 1.0  # instance discrimination weight (0 = off)
     # relational term (not the paper's; 0 = off): CLIP-KD's CRD on the batch, student vs teacher
-    # image<->text similarity distributions, at its origin settings (T 1, teacher logit scale 100)
+    # image<->text similarity distributions at T 1
     lambda_rd: float = 0.0
+    # the teacher's logit scale in it: 100, the released CLIP models' value, chosen over the lab teacher's
+    # own on validation (docs/methods.md); 0 = the teacher's own, from the cache (CLIP-KD's code)
+    rd_teacher_logit_scale: float = 100.0
     scale: float = 32.0
     margin: float = 0.2
     learnable_prototypes: bool = False
@@ -227,7 +230,9 @@ class DistillConfig:
     already holds L_clip). A key left at None takes the method's origin value (BASELINE_ORIGINS)."""
 
     weight: float | None = None  # lambda of the distillation term (0 = plain CLIP)
-    teacher_logit_scale: float = 100.0  # not in the cache: CLIP's trained value
+    # the teacher's logit scale in crd, openclip_distill and tinyclip_affinity at affinity_logit_scale 0;
+    # 0 = the teacher's own, recorded in the cache (as CLIP-KD's and open_clip's code use it)
+    teacher_logit_scale: float = 0.0
     crd_temperature: float = 1.0  # softens both similarity distributions in crd
     icl_own_scale: bool | None = None  # icl: its own learnable cross-modal logit scale from 1/0.07
     clip_weight: float | None = None  # weight of the student's CLIP loss (0 = distillation alone)
@@ -278,7 +283,7 @@ NEWER_DEFAULTS = {
     "comkd": {"eduattention": "mean_text", "attention_heads": 1, "attention_temperature": 0.01,
               "ifalign_reduction": "mean", "kd_reduction": "batchmean", "student_vpt_depth": 0,
               "student_vpt_tokens": 4, "freeze_backbone": False},
-    "cid": {"lambda_rd": 0.0},
+    "cid": {"lambda_rd": 0.0, "rd_teacher_logit_scale": 100.0},
     "distill": {"icl_own_scale": False, "clip_weight": 1.0, "affinity_logit_scale": 0.0},
     "train": {"augment": 0.0},
 }  # fmt: skip

@@ -132,7 +132,7 @@ def _fingerprinted(values: dict) -> dict:
     if "distill" in values:  # what trains: each key left at None is the method's origin value
         resolved = config_from_dict(values["distill"], DistillConfig).for_method(values["train"]["method"])
         values["distill"] = to_dict(resolved)
-    for section, keys in method_unread_keys(values["train"]["method"]).items():
+    for section, keys in method_unread_keys(values["train"]["method"], values).items():
         for key in keys:  # never read by the method: their defaults can change under its runs
             values.get(section, {}).pop(key, None)
     for section, defaults in NEWER_DEFAULTS.items():

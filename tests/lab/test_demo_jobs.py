@@ -31,7 +31,7 @@ def test_comkd_stage_2_waits_for_every_other_job():
 
 
 @needs_lab
-def test_two_jobs_at_a_time_give_the_results_of_one_at_a_time(tmp_path):
+def test_two_jobs_at_a_time_give_the_results_of_one_at_a_time(tmp_path, capsys):
     def config(run_dir, jobs):
         rows = [
             "--lab.rows", '["no_kd"]', "--lab.seeds", "[0, 1]",
@@ -56,6 +56,11 @@ def test_two_jobs_at_a_time_give_the_results_of_one_at_a_time(tmp_path):
     }
     assert expected[jobs[0]]["zeroshot_top1"] != expected[jobs[1]]["zeroshot_top1"]  # two seeds, two models
     assert all((model_dir(at_once, f"no_kd_seed{s}") / "done.json").is_file() for s in (0, 1))
+    # each job's progress bars in its own log, one line per finished job on the terminal
+    assert all("train" in demo.job_log(at_once, *job).read_text() for job in jobs)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert [line[:6] for line in lines] == ["[1/2] ", "[2/2] "]
+    assert {line[6:].split(":")[0] for line in lines} == {"no_kd seed 0", "no_kd seed 1"}
 
 
 def test_a_failed_job_stops_the_grid_with_its_error(tmp_path):

@@ -7,13 +7,14 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
 import clipdistill.train as train_module
 from cid_fixtures import build_tiny_cache, stage_config
-from clipdistill.config import DistillConfig, ModelConfig, to_dict
+from clipdistill.config import ConfigError, DistillConfig, ModelConfig, replace, to_dict
 from clipdistill.methods import needs_teacher_cache
 from clipdistill.methods.baselines import BASELINES, BaselineTask
 from clipdistill.models.factory import create_student
@@ -72,7 +73,36 @@ def test_projection_heads_only_where_widths_are_compared(tiny_cache, tmp_path):
         cfg.train.method = method
         task = build_task(cfg, model, cache)
         assert set(task.heads()) == ({"distill"} if method in ("fd", "icl") else set())
-        assert float(task.teacher_logit_scale) == 100.0
+
+
+def test_teacher_logit_scale_is_the_teachers_own_unless_set(tiny_cache, tmp_path):
+    """crd and openclip_distill scale the teacher's similarities by its own learnt scale, recorded by
+    `embed`, as CLIP-KD's and open_clip's code do; a set value wins; a cache recording none is refused
+    where a loss reads it, and only there."""
+    from clipdistill.cache import TeacherCache
+    from clipdistill.methods import build_task
+    from clipdistill.models.factory import create_teacher
+
+    cfg = stage_config(tiny_cache, tmp_path / "run")
+    cache = TeacherCache(tmp_path / "run" / "cache")
+    own = float(create_teacher(cfg.teacher).model.logit_scale.exp())
+    assert cache.logit_scale == pytest.approx(own) and own != 100.0
+    model = create_student(cfg.student).model
+
+    def scale(method: str, *overrides) -> float:
+        task = build_task(replace(cfg, {"train.method": method, **dict(overrides)}), model, cache)
+        return float(task.teacher_logit_scale)
+
+    assert scale("crd") == scale("openclip_distill") == pytest.approx(own)
+    assert scale("tinyclip_affinity", ("distill.affinity_logit_scale", 0.0)) == pytest.approx(own)
+    assert scale("crd", ("distill.teacher_logit_scale", 30.0)) == 30.0
+    shutil.copytree(cache.folder, tmp_path / "none")
+    (tmp_path / "none" / "teacher.json").write_text('{"logit_scale": null}')
+    cache = TeacherCache(tmp_path / "none")
+    assert cache.logit_scale is None
+    with pytest.raises(ConfigError, match="records none"):
+        scale("crd")
+    scale("fd"), scale("tinyclip_affinity")  # no term reads it: no need to ask
 
 
 def test_unset_keys_take_each_origin_and_a_set_key_wins():
@@ -97,11 +127,17 @@ def test_fingerprint_is_what_trains(pairs_config):
     assert key("--train.method", "fd") == key("--train.method", "fd", "--distill.weight", "2000")
     assert key("--train.method", "fd") != key("--train.method", "fd", "--distill.weight", "1")
     older = {"weight": 1.0, "teacher_logit_scale": 100.0, "crd_temperature": 1.0}  # how they were keyed
-    assert key("--train.method", "crd")["distill"] == older
-    assert key("--train.method", "icl", "--distill.icl_own_scale", "false")["distill"] == older
-    shared = ("--distill.clip_weight", "1", "--distill.affinity_logit_scale", "0")
+    at_100 = ("--distill.teacher_logit_scale", "100")
+    assert key("--train.method", "crd", *at_100)["distill"] == older
+    assert key("--train.method", "crd")["distill"] != older  # now the teacher's own scale
+    icl = key("--train.method", "icl", "--distill.icl_own_scale", "false")["distill"]
+    assert icl == {k: v for k, v in older.items() if k != "teacher_logit_scale"}  # never read by icl
+    shared = ("--distill.clip_weight", "1", "--distill.affinity_logit_scale", "0", *at_100)
     assert key("--train.method", "tinyclip_affinity", *shared)["distill"] == older
     assert key("--train.method", "tinyclip_affinity")["distill"] != older
+    # a key no term reads leaves the run as it was: TinyCLIP at its own fixed scale
+    fixed = ("--train.method", "tinyclip_affinity", "--distill.affinity_logit_scale", "25")
+    assert key(*fixed) == key(*fixed, "--distill.teacher_logit_scale", "100")
 
 
 def _gradient(kind: str, cfg: DistillConfig) -> torch.Tensor:

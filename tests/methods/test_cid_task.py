@@ -70,6 +70,23 @@ def test_the_relational_term_is_added_on_request_and_off_by_default(tiny_cache, 
     default = stage_config(tiny_cache, tmp_path / "other", "--train.method", "cid")
     assert "lambda_rd" not in _fingerprinted(to_dict(default))["cid"]  # runs from before the key still match
     assert "lambda_rd" in _fingerprinted(to_dict(cfg))["cid"]
+    assert "rd_teacher_logit_scale" not in _fingerprinted(to_dict(cfg))["cid"]  # 100, as those runs had
+
+
+def test_the_relational_terms_teacher_scale_is_100_or_the_teachers_own(tiny_cache, tmp_path):
+    from clipdistill.cache import TeacherCache
+    from clipdistill.config import replace
+    from clipdistill.methods import build_task
+    from clipdistill.models.factory import create_student
+
+    cfg = stage_config(tiny_cache, tmp_path / "run", "--train.method", "cid", "--cid.lambda_rd", "1")
+    run_cluster(cfg)
+    cache = TeacherCache(tmp_path / "run" / "cache")
+    model = create_student(cfg.student).model
+    assert float(build_task(cfg, model, cache).teacher_logit_scale) == 100.0
+    own = replace(cfg, {"cid.rd_teacher_logit_scale": 0.0})
+    assert float(build_task(own, model, cache).teacher_logit_scale) == pytest.approx(cache.logit_scale)
+    assert cache.logit_scale != 100.0
 
 
 def test_task_holds_no_teacher_and_needs_clusters(tiny_cache, tmp_path):

@@ -6,6 +6,7 @@ only re-reads results, and a killed one continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import multiprocessing
@@ -13,7 +14,7 @@ import signal
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -242,12 +243,32 @@ def run_jobs(cfg: RunConfig, jobs: list[tuple[str, int]]) -> dict[tuple[str, int
     with pool:
         try:
             for wave in job_waves(jobs):
-                futures = {job: pool.submit(train_and_evaluate, cfg, *job) for job in wave}
-                metrics |= {job: future.result() for job, future in futures.items()}
+                futures = {pool.submit(logged_job, cfg, *job): job for job in wave}
+                for future in as_completed(futures):
+                    row, seed = job = futures[future]
+                    metrics[job] = future.result()
+                    seconds = metrics[job]["train_seconds"]
+                    print(
+                        f"[{len(metrics)}/{len(jobs)}] {row} seed {seed}: trained in {seconds:.0f} s",
+                        flush=True,
+                    )
         except BaseException:
             pool.shutdown(cancel_futures=True)  # a failed job stops the grid, as it does one job at a time
             raise
-    return metrics
+    return {job: metrics[job] for job in jobs}
+
+
+def logged_job(cfg: RunConfig, row: str, seed: int) -> dict:
+    """A job in its own process, its progress bars written to `<run_dir>/logs/<row>_seed<S>.log`: two
+    jobs' bars on one terminal overwrite each other."""
+    path = job_log(cfg, row, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as log, contextlib.redirect_stderr(log):
+        return train_and_evaluate(cfg, row, seed)
+
+
+def job_log(cfg: RunConfig, row: str, seed: int) -> Path:
+    return Path(cfg.run_dir) / "logs" / f"{row}_seed{seed}.log"
 
 
 def job_waves(jobs: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:

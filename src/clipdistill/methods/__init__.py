@@ -51,9 +51,12 @@ _COMKD_MODULE_KEYS = ("eduattention", "attention_heads", "attention_temperature"
 UNREAD_KEYS = {"prompt_teacher": {"comkd": _COMKD_MODULE_KEYS}, "promptkd": {"comkd": _COMKD_MODULE_KEYS}}
 
 
-def method_unread_keys(method: str) -> dict[str, tuple[str, ...]]:
-    """Section -> keys `method` never reads, left out of its run's fingerprint."""
-    return UNREAD_KEYS.get(method, {})
+def method_unread_keys(method: str, values: dict) -> dict[str, tuple[str, ...]]:
+    """Section -> keys `method` does not read in the run configured by `values` (its sections as
+    dicts), left out of the run's fingerprint: never read, or not read with these settings."""
+    if method not in METHODS:
+        return {}
+    return UNREAD_KEYS.get(method, {}) | METHODS[method].unread_keys(method, values)
 
 
 def needs_teacher_cache(method: str) -> bool:

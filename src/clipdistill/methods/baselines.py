@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from clipdistill.cache import TeacherCache
-from clipdistill.config import ConfigError, DistillConfig, RunConfig
+from clipdistill.config import ConfigError, DistillConfig, RunConfig, config_from_dict
 from clipdistill.losses.baselines import (
     AffinityMimickingLoss,
     ContrastiveRelationalLoss,
@@ -38,7 +38,9 @@ class BaselineTask(ClipTask):
     cache_use = CacheUse.REQUIRED
     sections = ("distill",)
 
-    def __init__(self, model: nn.Module, kind: str, teacher_dim: int, cfg: DistillConfig) -> None:
+    def __init__(
+        self, model: nn.Module, kind: str, teacher_dim: int, cfg: DistillConfig, teacher_scale: float = 100.0
+    ) -> None:
         super().__init__(model)
         if kind not in BASELINES:
             raise ConfigError(f"unknown baseline {kind!r}; known: {BASELINES}")
@@ -57,8 +59,9 @@ class BaselineTask(ClipTask):
             self.kd_loss = DistillClipLoss()
         if not self._reads_student_scale():  # no term reads it: frozen, so DDP sees no unused parameter
             model.logit_scale.requires_grad_(False)
-        # A buffer, so it follows the task to the device; fixed because the cache does not store it.
-        self.register_buffer("teacher_logit_scale", torch.tensor(cfg.teacher_logit_scale), persistent=False)
+        # A buffer, so it follows the task to the device; the teacher's own unless the config sets one.
+        scale = cfg.teacher_logit_scale or teacher_scale
+        self.register_buffer("teacher_logit_scale", torch.tensor(scale), persistent=False)
 
     def _reads_student_scale(self) -> bool:
         """Whether a term of the loss uses the student's learnable logit scale."""
@@ -100,6 +103,13 @@ class BaselineTask(ClipTask):
         return {"distill": self.kd_loss} if self.kind in _PROJECTED else {}
 
     @classmethod
+    def unread_keys(cls, method: str, values: dict) -> dict[str, tuple[str, ...]]:
+        """The teacher's logit scale where no term reads it (fd, icl, TinyCLIP at its own fixed scale)."""
+        if reads_teacher_logits(method, config_from_dict(values.get("distill", {}), DistillConfig)):
+            return {}
+        return {"distill": ("teacher_logit_scale",)}
+
+    @classmethod
     def from_config(cls, cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> BaselineTask:
         """The baseline `train.method` with the cache's teacher width."""
         kind = cfg.train.method
@@ -109,4 +119,29 @@ class BaselineTask(ClipTask):
                 f"train.method {kind} projects both towers to one teacher width, but the cache has "
                 f"image {image_dim} and text {text_dim}"
             )
-        return cls(model, kind, int(image_dim), cfg.distill)
+        scale = 100.0  # a placeholder where no term reads it
+        if reads_teacher_logits(kind, cfg.distill):
+            scale = teacher_scale(cfg.distill.teacher_logit_scale, cache)
+        return cls(model, kind, int(image_dim), cfg.distill, scale)
+
+
+def reads_teacher_logits(kind: str, cfg: DistillConfig) -> bool:
+    """Whether baseline `kind` scales the teacher's similarities by the teacher's logit scale (TinyCLIP's
+    recipe by its own fixed scale instead, unless `affinity_logit_scale` is 0)."""
+    if kind == "tinyclip_affinity":
+        return cfg.for_method(kind).affinity_logit_scale == 0
+    return kind in ("crd", "openclip_distill")
+
+
+def teacher_scale(configured: float, cache: TeacherCache, key: str = "distill.teacher_logit_scale") -> float:
+    """`configured`, or for 0 the teacher's own logit scale recorded in the cache; refuses a cache that
+    records none rather than guess one."""
+    if configured:
+        return configured
+    if cache.logit_scale is None:
+        raise ConfigError(
+            f"{key} 0 takes the teacher's own logit scale, but the cache at {cache.folder} records none "
+            "(a teacher without one, or a cache older than teacher.json): rerun `clipdistill embed` to "
+            f"record it, or set --{key} (100 is the released CLIP models' value)"
+        )
+    return cache.logit_scale

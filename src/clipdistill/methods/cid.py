@@ -14,15 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipdistill.cache import TeacherCache
-from clipdistill.config import CidConfig, ConfigError, DistillConfig, RunConfig
+from clipdistill.config import CidConfig, ConfigError, RunConfig
 from clipdistill.losses.baselines import ContrastiveRelationalLoss, Projection
 from clipdistill.losses.cid import ClusterDiscriminationLoss, InstanceDiscriminationLoss
+from clipdistill.methods.baselines import teacher_scale
 from clipdistill.methods.clip import ClipTask
 from clipdistill.methods.task import CacheUse
 from clipdistill.runs import model_dir
-
-# The teacher's logit scale in L_rd: the cache does not store it, so `crd`'s default (CLIP's trained value)
-TEACHER_LOGIT_SCALE = DistillConfig.teacher_logit_scale
 
 
 class CidTask(ClipTask):
@@ -47,6 +45,7 @@ class CidTask(ClipTask):
         centroids: torch.Tensor,
         labels_path: str | Path,
         cfg: CidConfig,
+        teacher_scale: float = 100.0,
     ) -> None:
         super().__init__(model)
         self.cfg = cfg
@@ -61,7 +60,7 @@ class CidTask(ClipTask):
             self.id_loss = InstanceDiscriminationLoss(temperature=cfg.temperature)
         if cfg.lambda_rd:
             self.rd_loss = ContrastiveRelationalLoss()
-            self.register_buffer("teacher_logit_scale", torch.tensor(TEACHER_LOGIT_SCALE), persistent=False)
+            self.register_buffer("teacher_logit_scale", torch.tensor(teacher_scale), persistent=False)
         if cfg.lambda_cd:
             self.proj_cluster = (
                 self.proj_image if centroid_dim == image_dim else Projection(student_dim, centroid_dim)
@@ -125,6 +124,11 @@ class CidTask(ClipTask):
         return {name: head for name, head in heads.items() if head is not None}
 
     @classmethod
+    def unread_keys(cls, method: str, values: dict) -> dict[str, tuple[str, ...]]:
+        """The relational term's teacher scale while the term is off."""
+        return {} if values.get("cid", {}).get("lambda_rd") else {"cid": ("rd_teacher_logit_scale",)}
+
+    @classmethod
     def from_config(cls, cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> CidTask:
         return build_cid(cfg, model, cache)
 
@@ -151,4 +155,7 @@ def build_cid(cfg: RunConfig, model: nn.Module, cache: TeacherCache) -> CidTask:
         )
     centroids = torch.from_numpy(np.load(centroids_path, allow_pickle=False))
     dims = (cache.meta.image_dim, cache.meta.text_dim)
-    return CidTask(model, dims, centroids, labels_path, cfg.cid)
+    scale = 100.0
+    if cfg.cid.lambda_rd:
+        scale = teacher_scale(cfg.cid.rd_teacher_logit_scale, cache, "cid.rd_teacher_logit_scale")
+    return CidTask(model, dims, centroids, labels_path, cfg.cid, scale)

@@ -57,6 +57,12 @@ class Task(nn.Module):
     model: nn.Module
 
     @classmethod
+    def unread_keys(cls, method: str, values: dict) -> dict[str, tuple[str, ...]]:
+        """Section -> keys of its sections that the run configured by `values` does not read (a term
+        that is off): left out of the run's fingerprint, so their values cannot split one run in two."""
+        return {}
+
+    @classmethod
     def from_config(cls, cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> Task:
         """The task of `cfg` around `model` (with the cache's widths where it distils)."""
         raise NotImplementedError
