@@ -38,8 +38,8 @@ GROUPS = {
     # The reinforced cache (not in the grid: a second teacher and two more caches), N of cid_views chosen
     # on validation by benchmarks/screen_views.py; each baseline beside itself on the 2-view cache.
     "reinforced": [
-        "no_kd", "cid_balanced", "cid_views", "cid_ensemble", "fd", "fd_views2", "crd", "crd_views2",
-        "icl", "icl_views2", "tinyclip_affinity", "tinyclip_affinity_views2",
+        "no_kd", "cid_balanced", "cid_views", "cid_ensemble", "cid_ensemble_rd", "fd", "fd_views2", "crd",
+        "crd_views2", "icl", "icl_views2", "tinyclip_affinity", "tinyclip_affinity_views2",
     ],
     # ComKD's other protocol (not in the grid): stage 2 on base-class images only.
     "comkd_protocols": [

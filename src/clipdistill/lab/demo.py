@@ -51,10 +51,12 @@ PROMPTKD = {"train.method": "promptkd", "train.lr": 0.001}
 COMKD = {"train.method": "comkd", "comkd.lambda_align": 0.1, "train.lr": 0.001}
 # The baselines at their validation-chosen settings (benchmarks/screen_baselines.py): where the screen
 # chose the origin's value, the `distill` keys stay unset (docs/methods.md, "Baselines"). The student
-# learning rate was screened for every grid row (benchmarks/screen_lr.py): only CRD's moved.
+# learning rate was screened for every grid row (benchmarks/screen_lr.py): only CRD's moved. CRD's screen
+# tied weight 1 at teacher logit scale 100 with weight 10 at the teacher's own scale (`crd_own_scale`);
+# after both were screened over the learning rate, validation kept the first.
 BASELINES = {
     "fd": {"train.method": "fd"},
-    "crd": {"train.method": "crd", "train.lr": 0.001},
+    "crd": {"train.method": "crd", "distill.teacher_logit_scale": 100.0, "train.lr": 0.001},
     "icl": {"train.method": "icl", "distill.weight": 0.3},
     "tinyclip_affinity": {"train.method": "tinyclip_affinity", "distill.affinity_logit_scale": 25.0},
 }
@@ -72,11 +74,17 @@ ROWS: dict[str, dict] = {
     "cid_views2": {**BALANCED_CID, "embed.views": 2},
     "cid_views4": {**BALANCED_CID, "embed.views": 4},
     "cid_ensemble": {**BALANCED_CID, "embed.ensemble": [f"{SECOND_TEACHER}/model.safetensors"]},
+    "cid_ensemble_rd": {
+        **BALANCED_CID,
+        "embed.ensemble": [f"{SECOND_TEACHER}/model.safetensors"],
+        "cid.lambda_rd": 1.0,
+    },
     **BASELINES,
+    "crd_own_scale": {"train.method": "crd", "distill.weight": 10.0},
     # each baseline on the 2-view cache: the reinforced cache is one flag for every method that reads it
     **{f"{name}_views2": {**setting, "embed.views": 2} for name, setting in BASELINES.items()},
-    # CRD at its origin settings under open_clip's name: one gradient with `crd` at weight 1, so not in
-    # the grid
+    # CRD at its origin settings under open_clip's name: one gradient with `crd` at its origin (weight 1,
+    # the teacher's own logit scale), so not in the grid
     "openclip_distill": {"train.method": "openclip_distill"},
     # ComKD: `prompt_teacher` (stage 1) must come before the rows that distil from it.
     "prompt_teacher": {
