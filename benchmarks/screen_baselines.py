@@ -46,12 +46,12 @@ from clipdistill.train import train  # noqa: E402
 # screened at the teacher logit scale 100 that it ran at before the cache recorded the teacher's own.
 GRID: dict[str, list[dict[str, float]]] = {
     "fd": [{"distill.weight": w} for w in (200.0, 2000.0, 20000.0)],
-    "crd": [{"distill.weight": w} for w in (0.3, 1.0, 3.0, 10.0)]
+    "crd": [{"distill.weight": w, "distill.teacher_logit_scale": 0.0} for w in (0.3, 1.0, 3.0, 10.0)]
     + [{"distill.weight": w, "distill.teacher_logit_scale": 100.0} for w in (0.3, 1.0, 3.0)],
     "icl": [{"distill.weight": w} for w in (0.3, 1.0, 3.0)],
     "tinyclip_affinity": [{"distill.affinity_logit_scale": s} for s in (12.5, 25.0, 50.0, 100.0)],
 }
-# in the runs' names: crd_w1 (the teacher's own scale), crd_w1_t100
+# in the runs' names: crd_w1 (the teacher's own scale, 0, goes unnamed), crd_w1_t100
 SHORT = {"distill.weight": "w", "distill.affinity_logit_scale": "scale", "distill.teacher_logit_scale": "t"}
 KEYS = ("val_zeroshot_top1", "zeroshot_top1", "linear_probe_top1", "retrieval_i2t_r1", "kd_share")
 
@@ -80,7 +80,13 @@ def points(only: list[str]) -> list[tuple[str, str, dict]]:
 
 
 def point_name(row: str, overrides: dict[str, float]) -> str:
-    return "_".join([row, *(f"{SHORT[key]}{value:g}" for key, value in overrides.items())])
+    return "_".join([row, *(f"{SHORT[key]}{value:g}" for key, value in named(overrides).items())])
+
+
+def named(overrides: dict[str, float]) -> dict[str, float]:
+    """The overrides a point is named and shown by: the teacher's own logit scale (0) is the default,
+    set only so that the lab row's own value cannot replace it."""
+    return {k: v for k, v in overrides.items() if (k, v) != ("distill.teacher_logit_scale", 0.0)}
 
 
 def kd_share(metrics: dict) -> float | None:
@@ -135,7 +141,7 @@ def table(report: dict) -> str:
             else (f"{s[k]['mean']:.2f}" if k in s else "")
             for k in KEYS
         ]  # fmt: skip
-        setting = ", ".join(f"{k.split('.')[1]} {v:g}" for k, v in entry["overrides"].items()) or "-"
+        setting = ", ".join(f"{k.split('.')[1]} {v:g}" for k, v in named(entry["overrides"]).items()) or "-"
         setting += " (origin)" if is_origin(entry["row"], entry["overrides"]) else ""
         chosen = report["chosen"].get(entry["row"]) == point
         name = f"**{entry['row']}**" if chosen else entry["row"]

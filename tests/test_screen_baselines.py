@@ -15,7 +15,8 @@ def test_every_grid_holds_its_origin_and_runs_it_first():
     assert screen[0] == ("no_kd", "no_kd", {})
     first = {row: next(overrides for _, r, overrides in screen if r == row) for row in GRID}
     assert all(is_origin(row, overrides) for row, overrides in first.items())
-    assert first["crd"] == {"distill.weight": 1.0}  # at the teacher's own logit scale, as CLIP-KD's code
+    # at the teacher's own logit scale, as CLIP-KD's code, set so that the lab row's 100 cannot replace it
+    assert first["crd"] == {"distill.weight": 1.0, "distill.teacher_logit_scale": 0.0}
 
 
 def test_crd_is_screened_at_the_teachers_own_scale_and_at_100():
