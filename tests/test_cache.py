@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from clipdistill.cache import CacheMismatchError, TeacherCache
-from clipdistill.checkpoint import save_state_dict
+from clipdistill.checkpoint import read_json, save_state_dict
 from clipdistill.config import ConfigError, ModelConfig, load_config
 from clipdistill.data.sources import make_pair_source
 from clipdistill.embed import run_embed
@@ -62,8 +62,11 @@ def test_the_teachers_own_logit_scale_is_recorded_and_added_to_an_older_cache(bu
     assert cache.logit_scale == pytest.approx(own)
     (cache.folder / "teacher.json").unlink()  # a cache built before the file existed
     assert TeacherCache(cache_dir(cfg)).logit_scale is None
-    assert run_embed(cfg)["shards_computed"] == 0  # nothing recomputed, the record written again
+    built = read_json(cache_dir(cfg) / "report.json")["seconds"]
+    rerun = run_embed(cfg)
+    assert rerun["shards_computed"] == 0  # nothing recomputed, the record written again
     assert TeacherCache(cache_dir(cfg)).logit_scale == pytest.approx(own)
+    assert built <= rerun["seconds"] < built + 1  # the report keeps the build's time
 
 
 @pytest.mark.slow
