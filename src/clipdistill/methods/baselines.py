@@ -59,9 +59,8 @@ class BaselineTask(ClipTask):
             self.kd_loss = DistillClipLoss()
         if not self._reads_student_scale():  # no term reads it: frozen, so DDP sees no unused parameter
             model.logit_scale.requires_grad_(False)
-        # A buffer, so it follows the task to the device; the teacher's own unless the config sets one.
-        scale = cfg.teacher_logit_scale or teacher_scale
-        self.register_buffer("teacher_logit_scale", torch.tensor(scale), persistent=False)
+        # the teacher's logit scale as `from_config` resolves it; a buffer: it follows the task to the device
+        self.register_buffer("teacher_logit_scale", torch.tensor(teacher_scale), persistent=False)
 
     def _reads_student_scale(self) -> bool:
         """Whether a term of the loss uses the student's learnable logit scale."""
