@@ -32,6 +32,7 @@ from clipdistill.train import train
 # teacher (trained here with seed 1) in an ensemble; clusters and balance come from the plain cache.
 BALANCED_CID = {"train.method": "cid", "train.subset": "balance/kept.npy"}
 SECOND_TEACHER = "teacher_seed1"
+CID_ENSEMBLE = {**BALANCED_CID, "embed.ensemble": [f"{SECOND_TEACHER}/model.safetensors"]}
 # ComKD's lab: a target domain on which the hand-prompted teacher (trained on clean images) is weak.
 # Stage 1 learns the target from `data.shots` labelled images per base class, stage 2 distils on the
 # target's unlabeled train images (10,000 of them) from the untrained student; both are scored on its
@@ -73,12 +74,8 @@ ROWS: dict[str, dict] = {
     "cid_rd": {**BALANCED_CID, "cid.lambda_rd": 1.0},
     "cid_views2": {**BALANCED_CID, "embed.views": 2},
     "cid_views4": {**BALANCED_CID, "embed.views": 4},
-    "cid_ensemble": {**BALANCED_CID, "embed.ensemble": [f"{SECOND_TEACHER}/model.safetensors"]},
-    "cid_ensemble_rd": {
-        **BALANCED_CID,
-        "embed.ensemble": [f"{SECOND_TEACHER}/model.safetensors"],
-        "cid.lambda_rd": 1.0,
-    },
+    "cid_ensemble": CID_ENSEMBLE,
+    "cid_ensemble_rd": {**CID_ENSEMBLE, "cid.lambda_rd": 1.0},
     **BASELINES,
     "crd_own_scale": {"train.method": "crd", "distill.weight": 10.0},
     # each baseline on the 2-view cache: the reinforced cache is one flag for every method that reads it

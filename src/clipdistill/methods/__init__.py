@@ -44,19 +44,10 @@ def method_lab_data_keys(method: str) -> tuple[str, ...]:
     return METHODS[method].lab_data_keys if method in METHODS else ()
 
 
-# Keys of its sections a method never reads and that are newer than its older runs: left out of its
-# fingerprint whatever their value. Stage 1 and PromptKD read `comkd` but not ComKD's modules, whose
-# defaults changed under their runs.
-_COMKD_MODULE_KEYS = ("eduattention", "attention_heads", "attention_temperature", "ifalign_reduction")
-UNREAD_KEYS = {"prompt_teacher": {"comkd": _COMKD_MODULE_KEYS}, "promptkd": {"comkd": _COMKD_MODULE_KEYS}}
-
-
 def method_unread_keys(method: str, values: dict) -> dict[str, tuple[str, ...]]:
     """Section -> keys `method` does not read in the run configured by `values` (its sections as
-    dicts), left out of the run's fingerprint: never read, or not read with these settings."""
-    if method not in METHODS:
-        return {}
-    return UNREAD_KEYS.get(method, {}) | METHODS[method].unread_keys(method, values)
+    dicts), left out of the run's fingerprint (`Task.unread_keys`)."""
+    return METHODS[method].unread_keys(method, values) if method in METHODS else {}
 
 
 def needs_teacher_cache(method: str) -> bool:

@@ -137,10 +137,11 @@ def teacher_scale(configured: float, cache: TeacherCache, key: str = "distill.te
     records none rather than guess one."""
     if configured:
         return configured
-    if cache.logit_scale is None:
+    own = cache.logit_scale  # read from the cache's files
+    if own is None:
         raise ConfigError(
             f"{key} 0 takes the teacher's own logit scale, but the cache at {cache.folder} records none "
             "(a teacher without one, or a cache older than teacher.json): rerun `clipdistill embed` to "
             f"record it, or set --{key} (100 is the released CLIP models' value)"
         )
-    return cache.logit_scale
+    return own

@@ -29,6 +29,9 @@ from clipdistill.models.prompts import VisualPromptLearner
 from clipdistill.runs import find_run, model_dir
 
 IMAGE_FEATURES = "image_features.npy"  # stage 1 with visual prompts: the prompted teacher's u_t per row
+# ComKD's own modules' keys: stage 1 and PromptKD read `comkd` but not these, whose defaults changed under
+# their runs, so they stay out of those runs' fingerprints whatever their value.
+COMKD_MODULE_KEYS = ("eduattention", "attention_heads", "attention_temperature", "ifalign_reduction")
 
 
 class ComkdTask(Task):
@@ -110,6 +113,11 @@ class ComkdTask(Task):
 
     def training_pool(self, pool: np.ndarray) -> np.ndarray:
         return pool if self.train_rows is None else pool[np.isin(pool, self.train_rows)]
+
+    @classmethod
+    def unread_keys(cls, method: str, values: dict) -> dict[str, tuple[str, ...]]:
+        """PromptKD (this task without IFAlign and EduAttention) reads none of ComKD's module keys."""
+        return {"comkd": COMKD_MODULE_KEYS} if method == "promptkd" else {}
 
     @classmethod
     def from_config(cls, cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> ComkdTask:

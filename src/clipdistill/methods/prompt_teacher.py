@@ -24,6 +24,7 @@ from clipdistill.cache import TeacherCache
 from clipdistill.checkpoint import atomic_write, save_npy
 from clipdistill.config import ComkdConfig, ConfigError, RunConfig
 from clipdistill.data.sources import make_pair_source
+from clipdistill.methods.comkd import COMKD_MODULE_KEYS
 from clipdistill.methods.labelled import labelled_train
 from clipdistill.methods.task import CacheUse, Task
 from clipdistill.models.factory import build_tokenizer, load_model_config, preprocess_for
@@ -113,6 +114,11 @@ class PromptTeacherTask(Task):
         if self.visual_prompts is not None:
             heads["visual_prompts"] = self.visual_prompts
         return heads
+
+    @classmethod
+    def unread_keys(cls, method: str, values: dict) -> dict[str, tuple[str, ...]]:
+        """Stage 1 reads none of ComKD's module keys (they are stage 2's)."""
+        return {"comkd": COMKD_MODULE_KEYS}
 
     @classmethod
     def from_config(cls, cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> PromptTeacherTask:
