@@ -133,8 +133,10 @@ def _fingerprinted(values: dict) -> dict:
         resolved = config_from_dict(values["distill"], DistillConfig).for_method(values["train"]["method"])
         values["distill"] = to_dict(resolved)
     for section, keys in method_unread_keys(values["train"]["method"], values).items():
-        for key in keys:  # never read by the method: their defaults can change under its runs
+        for key, recorded in keys.items():  # never read: its default can change under the runs
             values.get(section, {}).pop(key, None)
+            if recorded is not None and section in values:
+                values[section][key] = recorded
     for section, defaults in NEWER_DEFAULTS.items():
         for key, default in defaults.items():
             if section in values and values[section].get(key) == default:

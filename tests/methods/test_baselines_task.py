@@ -131,13 +131,14 @@ def test_fingerprint_is_what_trains(pairs_config):
     assert key("--train.method", "crd", *at_100)["distill"] == older
     assert key("--train.method", "crd")["distill"] != older  # now the teacher's own scale
     icl = key("--train.method", "icl", "--distill.icl_own_scale", "false")["distill"]
-    assert icl == {k: v for k, v in older.items() if k != "teacher_logit_scale"}  # never read by icl
+    assert icl == older  # never read by icl: pinned at the 100 those runs recorded
     shared = ("--distill.clip_weight", "1", "--distill.affinity_logit_scale", "0", *at_100)
     assert key("--train.method", "tinyclip_affinity", *shared)["distill"] == older
     assert key("--train.method", "tinyclip_affinity")["distill"] != older
     # a key no term reads leaves the run as it was: TinyCLIP at its own fixed scale
     fixed = ("--train.method", "tinyclip_affinity", "--distill.affinity_logit_scale", "25")
-    assert key(*fixed) == key(*fixed, "--distill.teacher_logit_scale", "100")
+    assert key(*fixed) == key(*fixed, "--distill.teacher_logit_scale", "30")
+    assert key(*fixed)["distill"]["teacher_logit_scale"] == 100.0  # as the runs before the own-scale default
 
 
 def _gradient(kind: str, cfg: DistillConfig) -> torch.Tensor:

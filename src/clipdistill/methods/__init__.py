@@ -44,9 +44,9 @@ def method_lab_data_keys(method: str) -> tuple[str, ...]:
     return METHODS[method].lab_data_keys if method in METHODS else ()
 
 
-def method_unread_keys(method: str, values: dict) -> dict[str, tuple[str, ...]]:
-    """Section -> keys `method` does not read in the run configured by `values` (its sections as
-    dicts), left out of the run's fingerprint (`Task.unread_keys`)."""
+def method_unread_keys(method: str, values: dict) -> dict[str, dict[str, object]]:
+    """Section -> {key: value its fingerprint records} for the keys `method` does not read in the run
+    configured by `values` (its sections as dicts; `Task.unread_keys`)."""
     return METHODS[method].unread_keys(method, values) if method in METHODS else {}
 
 

@@ -102,11 +102,12 @@ class BaselineTask(ClipTask):
         return {"distill": self.kd_loss} if self.kind in _PROJECTED else {}
 
     @classmethod
-    def unread_keys(cls, method: str, values: dict) -> dict[str, tuple[str, ...]]:
-        """The teacher's logit scale where no term reads it (fd, icl, TinyCLIP at its own fixed scale)."""
+    def unread_keys(cls, method: str, values: dict) -> dict[str, dict[str, object]]:
+        """The teacher's logit scale where no term reads it (fd, icl, TinyCLIP at its own fixed scale),
+        pinned at 100, the default every such run recorded before the default became the teacher's own."""
         if reads_teacher_logits(method, config_from_dict(values.get("distill", {}), DistillConfig)):
             return {}
-        return {"distill": ("teacher_logit_scale",)}
+        return {"distill": {"teacher_logit_scale": 100.0}}
 
     @classmethod
     def from_config(cls, cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> BaselineTask:

@@ -124,9 +124,9 @@ class CidTask(ClipTask):
         return {name: head for name, head in heads.items() if head is not None}
 
     @classmethod
-    def unread_keys(cls, method: str, values: dict) -> dict[str, tuple[str, ...]]:
+    def unread_keys(cls, method: str, values: dict) -> dict[str, dict[str, object]]:
         """The relational term's teacher scale while the term is off."""
-        return {} if values.get("cid", {}).get("lambda_rd") else {"cid": ("rd_teacher_logit_scale",)}
+        return {} if values.get("cid", {}).get("lambda_rd") else {"cid": {"rd_teacher_logit_scale": None}}
 
     @classmethod
     def from_config(cls, cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> CidTask:

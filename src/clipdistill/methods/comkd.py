@@ -115,9 +115,9 @@ class ComkdTask(Task):
         return pool if self.train_rows is None else pool[np.isin(pool, self.train_rows)]
 
     @classmethod
-    def unread_keys(cls, method: str, values: dict) -> dict[str, tuple[str, ...]]:
+    def unread_keys(cls, method: str, values: dict) -> dict[str, dict[str, object]]:
         """PromptKD (this task without IFAlign and EduAttention) reads none of ComKD's module keys."""
-        return {"comkd": COMKD_MODULE_KEYS} if method == "promptkd" else {}
+        return {"comkd": dict.fromkeys(COMKD_MODULE_KEYS)} if method == "promptkd" else {}
 
     @classmethod
     def from_config(cls, cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> ComkdTask:

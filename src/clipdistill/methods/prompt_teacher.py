@@ -116,9 +116,9 @@ class PromptTeacherTask(Task):
         return heads
 
     @classmethod
-    def unread_keys(cls, method: str, values: dict) -> dict[str, tuple[str, ...]]:
+    def unread_keys(cls, method: str, values: dict) -> dict[str, dict[str, object]]:
         """Stage 1 reads none of ComKD's module keys (they are stage 2's)."""
-        return {"comkd": COMKD_MODULE_KEYS}
+        return {"comkd": dict.fromkeys(COMKD_MODULE_KEYS)}
 
     @classmethod
     def from_config(cls, cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> PromptTeacherTask:

@@ -57,9 +57,11 @@ class Task(nn.Module):
     model: nn.Module
 
     @classmethod
-    def unread_keys(cls, method: str, values: dict) -> dict[str, tuple[str, ...]]:
-        """Section -> keys of its sections that the run configured by `values` does not read (a term
-        that is off): left out of the run's fingerprint, so their values cannot split one run in two."""
+    def unread_keys(cls, method: str, values: dict) -> dict[str, dict[str, object]]:
+        """Section -> {key: what the run's fingerprint records for it} for the keys of its sections that
+        the run configured by `values` does not read (a term that is off), so that their values cannot
+        split one run in two. None leaves a key out; a value pins it (the one the runs made before the
+        key's default changed recorded, so that they still match)."""
         return {}
 
     @classmethod
