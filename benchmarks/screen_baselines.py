@@ -49,7 +49,7 @@ GRID: dict[str, list[dict[str, float]]] = {
     "crd": [{"distill.weight": w, "distill.teacher_logit_scale": 0.0} for w in (0.3, 1.0, 3.0, 10.0)]
     + [{"distill.weight": w, "distill.teacher_logit_scale": 100.0} for w in (0.3, 1.0, 3.0)],
     "icl": [{"distill.weight": w} for w in (0.3, 1.0, 3.0)],
-    "tinyclip_affinity": [{"distill.affinity_logit_scale": s} for s in (12.5, 25.0, 50.0, 100.0)],
+    "tinyclip_affinity": [{"distill.affinity_logit_scale": s} for s in (6.25, 12.5, 25.0, 50.0, 100.0)],
 }
 # in the runs' names: crd_w1 (the teacher's own scale, 0, goes unnamed), crd_w1_t100
 SHORT = {"distill.weight": "w", "distill.affinity_logit_scale": "scale", "distill.teacher_logit_scale": "t"}

@@ -138,6 +138,9 @@ class EvalConfig:
 class CidConfig:
     """CLIP-CID (docs/methods.md): loss weights, the margin softmax over cluster prototypes, InfoNCE."""
 
+    # CLIP loss weight: its one-hot targets call every other caption of the batch a negative, also one
+    # that says the same (the lab's templated captions do); 0 = off
+    lambda_clip: float = 1.0
     lambda_cd: float = 1.0  # cluster discrimination weight (0 = off)
     lambda_id: float = 1.0  # instance discrimination weight (0 = off)
     # relational term (not the paper's; 0 = off): CLIP-KD's CRD on the batch, student vs teacher
@@ -283,7 +286,7 @@ NEWER_DEFAULTS = {
     "comkd": {"eduattention": "mean_text", "attention_heads": 1, "attention_temperature": 0.01,
               "ifalign_reduction": "mean", "kd_reduction": "batchmean", "student_vpt_depth": 0,
               "student_vpt_tokens": 4, "freeze_backbone": False},
-    "cid": {"lambda_rd": 0.0, "rd_teacher_logit_scale": 100.0},
+    "cid": {"lambda_rd": 0.0, "rd_teacher_logit_scale": 100.0, "lambda_clip": 1.0},
     "distill": {"icl_own_scale": False, "clip_weight": 1.0, "affinity_logit_scale": 0.0},
     "train": {"augment": 0.0},
 }  # fmt: skip

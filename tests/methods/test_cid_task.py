@@ -129,3 +129,23 @@ def test_demo_rows_set_dotted_overrides():
     assert not _needs_clusters(cfg)
     cfg.lab.rows = ["no_kd", "cid_random_subset"]
     assert _needs_clusters(cfg)
+
+
+def test_the_clip_loss_weight_scales_its_term_and_every_weight_at_0_is_refused(tiny_cache, tmp_path):
+    from clipdistill.cache import TeacherCache
+    from clipdistill.config import replace, to_dict
+    from clipdistill.methods import build_task
+    from clipdistill.models.factory import create_student
+    from clipdistill.train import _fingerprinted
+
+    weighted = ("--train.method", "cid", "--train.steps", "2", "--cid.lambda_clip", "0.5")
+    cfg = stage_config(tiny_cache, tmp_path / "run", *weighted)
+    run_cluster(cfg)
+    train(cfg)
+    for r in _metrics(tmp_path / "run", "cid"):
+        assert r["clip"] > 0 and r["loss"] == pytest.approx(0.5 * r["clip"] + r["cd"] + r["id"], rel=1e-4)
+    assert _fingerprinted(to_dict(cfg))["cid"]["lambda_clip"] == 0.5
+    assert "lambda_clip" not in _fingerprinted(to_dict(replace(cfg, {"cid.lambda_clip": 1.0})))["cid"]
+    nothing = replace(cfg, {"cid.lambda_clip": 0.0, "cid.lambda_cd": 0.0, "cid.lambda_id": 0.0})
+    with pytest.raises(ConfigError, match="every loss weight at 0"):
+        build_task(nothing, create_student(cfg.student).model, TeacherCache(tmp_path / "run" / "cache"))

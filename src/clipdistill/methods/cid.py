@@ -100,7 +100,7 @@ class CidTask(ClipTask):
                 batch["teacher_image"],
                 batch["teacher_text"],
             )
-        terms = {"term/clip": clip}
+        terms = {"term/clip": self.cfg.lambda_clip * clip} if self.cfg.lambda_clip else {}
         if self.cfg.lambda_cd:
             terms["term/cd"] = self.cfg.lambda_cd * cd
         if self.cfg.lambda_id:
@@ -135,6 +135,9 @@ class CidTask(ClipTask):
 
 def build_cid(cfg: RunConfig, model: nn.Module, cache: TeacherCache) -> CidTask:
     """CidTask with the centroids and labels of `<run_dir>/<cid.clusters>/`."""
+    weights = {key: getattr(cfg.cid, key) for key in ("lambda_clip", "lambda_cd", "lambda_id", "lambda_rd")}
+    if not any(weights.values()):
+        raise ConfigError(f"train.method cid has every loss weight at 0 ({weights}): nothing would train")
     folder = model_dir(cfg, cfg.cid.clusters)
     centroids_path, labels_path = folder / "centroids.npy", folder / "labels.npy"
     if not (centroids_path.is_file() and labels_path.is_file()):
