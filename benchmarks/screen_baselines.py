@@ -150,14 +150,18 @@ def table(report: dict) -> str:
 
 
 def choose(report: dict) -> dict[str, str]:
-    """Per baseline, the point with the best mean validation zero-shot over full seeds."""
-    best: dict[str, tuple[float, str]] = {}
+    """Per baseline, the point with the best mean validation zero-shot over full seeds; on an exact tie
+    the origin, else the point earlier in its grid (whatever order the report lists them in)."""
+    best: dict[str, tuple[tuple, str]] = {}
     for point, entry in report["points"].items():
         val = entry["summary"].get("val_zeroshot_top1")
-        if entry["row"] == "no_kd" or val is None or len(entry["runs"]) < len(report["seeds"]):
+        row, overrides = entry["row"], entry["overrides"]
+        if row == "no_kd" or val is None or len(entry["runs"]) < len(report["seeds"]):
             continue
-        if entry["row"] not in best or val["mean"] > best[entry["row"]][0]:
-            best[entry["row"]] = (val["mean"], point)
+        position = GRID[row].index(overrides) if overrides in GRID.get(row, []) else len(GRID.get(row, []))
+        rank = (val["mean"], is_origin(row, overrides), -position)
+        if row not in best or rank > best[row][0]:
+            best[row] = (rank, point)
     return {row: point for row, (_, point) in best.items()}
 
 

@@ -1,11 +1,13 @@
 """Screen one CLIP-CID setting on the lab over seeds, scored on the validation split.
 
     python benchmarks/screen_cid.py NAME [--section.key value ...] [--run-dir runs/bench] [--seeds 0,1,2]
+        [--row cid_balanced]
 
 Needs a bench run dir (teacher, cache, balance: `make bench` or `bench --only cid` first). Trains the
-`cid_balanced` row with the given config overrides (typed and checked as on the `clipdistill` command
-line) as `screen_<NAME>_seed<S>`, evaluates it as the bench does (test split) and adds zero-shot
-accuracy on the validation split, the number settings are chosen by: the test split only reports.
+`cid_balanced` row (or another lab row, `--row`) with the given config overrides (typed and checked as
+on the `clipdistill` command line) as `screen_<NAME>_seed<S>`, evaluates it as the bench does (test
+split) and adds zero-shot accuracy on the validation split, the number settings are chosen by: the
+test split only reports.
 `cluster` runs first and is reused when its settings are unchanged; give a new clustering its own
 folder with `--cid.clusters`. Prints one line per seed and a mean ± std summary.
 
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("name")
     parser.add_argument("--run-dir", default="runs/bench")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--row", default="cid_balanced", help="the lab row the overrides apply to")
     args, overrides = parser.parse_known_args()  # the rest: `--section.key value` config overrides
 
     try:
@@ -55,7 +58,7 @@ def main() -> None:
     scores = []
     for seed in (int(s) for s in args.seeds.split(",")):
         name = f"screen_{args.name}_seed{seed}"
-        cfg = replace(row_config(base, "cid_balanced", seed), {"train.name": name})
+        cfg = replace(row_config(base, args.row, seed), {"train.name": name})
         train(cfg)
         metrics = dict(evaluated(cfg, name))
         model = load_trained(cfg, name)
