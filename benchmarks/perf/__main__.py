@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -85,6 +84,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from benchmarks.perf.fixtures import QUICK, Setting
 
+    from clipdistill.host import host_info
+
     setting, plan = (QUICK, QUICK_PLAN) if args.quick else (Setting(), Plan())
     if args.scale:
         plan = dataclasses.replace(plan, scale=tuple(int(x) for x in args.scale.split(",")))
@@ -95,8 +96,7 @@ def main() -> None:
     }
     results |= {
         "quick": args.quick,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "threads": args.threads,
+        "host": host_info(),
         "setting": dataclasses.asdict(setting),
         "plan": dataclasses.asdict(plan),
     }

@@ -24,6 +24,7 @@ from clipdistill.config import ConfigError, RunConfig, fingerprint, replace, to_
 from clipdistill.curate.stages import run_balance, run_cluster
 from clipdistill.embed import run_embed
 from clipdistill.evaluate.run import eval_stem, run_eval
+from clipdistill.host import host_info
 from clipdistill.methods import needs_teacher_cache
 from clipdistill.runs import model_dir, seed_run_name
 from clipdistill.train import train
@@ -350,7 +351,7 @@ def run_demo(cfg: RunConfig) -> dict:
     tick = time.time()
     results = run_rows(cfg)
     stage_seconds["students_and_eval"] = round(time.time() - tick, 1)
-    report = {"results": results, "config": to_dict(cfg), "stage_seconds": stage_seconds}
+    report = {"results": results, "config": to_dict(cfg), "stage_seconds": stage_seconds, "host": host_info()}
     write_json(Path(cfg.run_dir) / cfg.lab.results, report)
     print(format_table(results))
     print(f"wrote {Path(cfg.run_dir) / cfg.lab.results} in {time.time() - start:.0f} s")
