@@ -29,7 +29,7 @@ from benchmarks.screen_baselines import val_zeroshot  # noqa: E402
 from benchmarks.screen_views import cache_cost  # noqa: E402
 
 from clipdistill.checkpoint import write_json  # noqa: E402
-from clipdistill.config import ConfigError, RunConfig, load_config, replace  # noqa: E402
+from clipdistill.config import ConfigError, RunConfig, load_config, overridden, replace  # noqa: E402
 from clipdistill.curate.stages import run_balance, run_cluster  # noqa: E402
 from clipdistill.data.lab import load_lab  # noqa: E402
 from clipdistill.host import host_info  # noqa: E402
@@ -49,11 +49,12 @@ def teacher_config(base: RunConfig, seed: int) -> tuple[RunConfig, str]:
     return replace(base, {"run_dir": f"{base.run_dir}_t{seed}", "teacher.pretrained": weights}), name
 
 
-def scores(cfg: RunConfig, row: str, seeds: list[int], lab) -> dict:
-    """Validation and test zero-shot top-1 of `row` trained (or reused) for each seed."""
+def scores(cfg: RunConfig, row: str, seeds: list[int], lab, overrides: dict) -> dict:
+    """Validation and test zero-shot top-1 of `row` (with `overrides` over its own settings) trained
+    (or reused) for each seed."""
     val, test = [], []
     for seed in seeds:
-        run = row_config(cfg, row, seed)
+        run = replace(row_config(cfg, row, seed), overrides)
         train(run)
         test.append(evaluated(run, run.train.name)["zeroshot_top1"])
         val.append(val_zeroshot(run, run.train.name, lab))
@@ -79,8 +80,11 @@ def main() -> None:
         )
     except ConfigError as e:
         parser.error(str(e))
+    given = overridden(base, overrides)  # over each row's own settings, for every draw
+    if any(key.startswith("teacher.") or key == "run_dir" for key in given):
+        parser.error("the teacher and run dir of each draw are this script's: use --teachers and --run-dir")
     lab = load_lab(base.data)
-    no_kd = scores(base, "no_kd", seeds, lab)
+    no_kd = scores(base, "no_kd", seeds, lab, given)
     scratch = no_kd["zeroshot_top1"]["mean"]
     report = {"run_dir": args.run_dir, "host": host_info(), "student_seeds": seeds, "no_kd": no_kd}
     report["teachers"] = {}
@@ -93,7 +97,7 @@ def main() -> None:
         draw = {"teacher": name, "run_dir": cfg.run_dir, "teacher_zeroshot_top1": teacher, "cache": cache}
         draw["rows"] = {}
         for row in rows:
-            result = scores(cfg, row, seeds, lab)
+            result = scores(cfg, row, seeds, lab, given)
             result["gap_recovered"] = (result["zeroshot_top1"]["mean"] - scratch) / (teacher - scratch)
             draw["rows"][row] = result
         report["teachers"][str(teacher_seed)] = draw

@@ -5,7 +5,7 @@
 
 Needs a bench run dir (teacher, cache, balance: `make bench` or `bench --only cid` first). Trains the
 `cid_balanced` row (or another lab row, `--row`) with the given config overrides (typed and checked as
-on the `clipdistill` command line) as `screen_<NAME>_seed<S>`, evaluates it as the bench does (test
+on the `clipdistill` command line, and set over the row's own settings) as `screen_<NAME>_seed<S>`, evaluates it as the bench does (test
 split) and adds zero-shot accuracy on the validation split, the number settings are chosen by: the
 test split only reports.
 `cluster` runs first and is reused when its settings are unchanged; give a new clustering its own
@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from clipdistill.config import ConfigError, load_config, replace  # noqa: E402
+from clipdistill.config import ConfigError, load_config, overridden, replace  # noqa: E402
 from clipdistill.curate.stages import run_cluster  # noqa: E402
 from clipdistill.data.lab import load_lab  # noqa: E402
 from clipdistill.evaluate.run import image_features, text_features  # noqa: E402
@@ -58,7 +58,7 @@ def main() -> None:
     scores = []
     for seed in (int(s) for s in args.seeds.split(",")):
         name = f"screen_{args.name}_seed{seed}"
-        cfg = replace(row_config(base, args.row, seed), {"train.name": name})
+        cfg = replace(row_config(base, args.row, seed), overridden(base, overrides) | {"train.name": name})
         train(cfg)
         metrics = dict(evaluated(cfg, name))
         model = load_trained(cfg, name)

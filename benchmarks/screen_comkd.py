@@ -29,7 +29,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from clipdistill.checkpoint import read_json, write_json  # noqa: E402
-from clipdistill.config import ConfigError, load_config, replace  # noqa: E402
+from clipdistill.config import ConfigError, load_config, overridden, replace  # noqa: E402
 from clipdistill.evaluate.run import evaluate_model  # noqa: E402
 from clipdistill.lab import LAB_CONFIG, ROWS, evaluated, row_config  # noqa: E402
 from clipdistill.train import train  # noqa: E402
@@ -76,11 +76,7 @@ def main() -> None:
         )
     except ConfigError as e:
         parser.error(str(e))
-    # the screened keys, typed as the config read them, go over the row's own settings
-    screened = {}
-    for key in (flag.removeprefix("--") for flag in overrides[::2]):
-        section, _, name = key.partition(".")
-        screened[key] = getattr(getattr(base, section), name)
+    screened = overridden(base, overrides)  # the screened keys go over the row's own settings
     per_seed = []
     for seed in (int(s) for s in args.seeds.split(",")):
         name = f"screen_{args.name}_seed{seed}"

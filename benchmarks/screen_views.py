@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from clipdistill.cache import TeacherCache  # noqa: E402
 from clipdistill.checkpoint import read_json, write_json  # noqa: E402
-from clipdistill.config import ConfigError, load_config  # noqa: E402
+from clipdistill.config import ConfigError, load_config, overridden, replace  # noqa: E402
 from clipdistill.curate.stages import run_balance, run_cluster  # noqa: E402
 from clipdistill.data.lab import load_lab  # noqa: E402
 from clipdistill.embed import run_embed  # noqa: E402
@@ -96,7 +96,7 @@ def main() -> None:
     for row in args.rows.split(","):
         per_seed = []
         for seed in seeds:
-            cfg = row_config(base, row, seed)
+            cfg = replace(row_config(base, row, seed), overridden(base, overrides))
             if cfg.embed.ensemble:
                 train_teacher(base, seed=1, name=SECOND_TEACHER)
             costs[cache_dir(cfg).name] = cache_cost(cfg)

@@ -212,3 +212,16 @@ def test_trained_config_reads_an_older_run_with_the_values_it_trained_with(tmp_p
     assert (RunConfig().comkd.eduattention, RunConfig().comkd.ifalign_reduction) == ("cross", "sum")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(to_dict(RunConfig())))
     assert trained_config(tmp_path).comkd.eduattention == "cross"  # a newer run: as written
+
+
+def test_overrides_set_again_over_a_lab_row_win_over_its_own_settings():
+    from clipdistill.config import overridden, replace
+    from clipdistill.lab import LAB_CONFIG, row_config
+
+    args = ["--cid.lambda_rd", "2", "--train.lr", "0.001"]
+    base = load_config(str(LAB_CONFIG), args)
+    assert row_config(base, "cid_rd", 0).cid.lambda_rd == 1.0  # the row sets its own λ_rd over the config
+    given = overridden(base, args)
+    assert given == {"cid.lambda_rd": 2.0, "train.lr": 0.001}
+    cfg = replace(row_config(base, "cid_rd", 0), given)
+    assert (cfg.cid.lambda_rd, cfg.train.lr, cfg.train.method) == (2.0, 0.001, "cid")

@@ -489,6 +489,17 @@ def replace(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
     return out
 
 
+def overridden(cfg: RunConfig, overrides: list[str]) -> dict[str, Any]:
+    """The `section.key` values that `--section.key value` overrides gave `cfg`, typed as loaded: what
+    to `replace` again over settings applied after loading (a lab row's), so the overrides still win."""
+    values = {}
+    for flag in overrides[::2]:
+        key = flag.removeprefix("--").replace("-", "_")
+        section, _, name = key.rpartition(".")
+        values[key] = getattr(getattr(cfg, section) if section else cfg, name)
+    return values
+
+
 def expand_run_dir(cfg: RunConfig) -> RunConfig:
     """Replace `{run_dir}` in path options, so one config serves any run folder."""
     for section in (cfg.teacher, cfg.student, cfg.train, cfg.data):
