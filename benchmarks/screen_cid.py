@@ -5,9 +5,9 @@
 
 Needs a bench run dir (teacher, cache, balance: `make bench` or `bench --only cid` first). Trains the
 `cid_balanced` row (or another lab row, `--row`) with the given config overrides (typed and checked as
-on the `clipdistill` command line, and set over the row's own settings) as `screen_<NAME>_seed<S>`, evaluates it as the bench does (test
-split) and adds zero-shot accuracy on the validation split, the number settings are chosen by: the
-test split only reports.
+on the `clipdistill` command line, and set over the row's own settings) as `screen_<NAME>_seed<S>`,
+evaluates it as the bench does (test split) and adds zero-shot accuracy on the validation split, the
+number settings are chosen by: the test split only reports.
 `cluster` runs first and is reused when its settings are unchanged; give a new clustering its own
 folder with `--cid.clusters`. Prints one line per seed and a mean ± std summary.
 
