@@ -56,9 +56,10 @@ def main() -> None:
     lab = load_lab(base.data)
     cpu = torch.device("cpu")
     scores = []
+    given = overridden(base, overrides)  # over the row's own settings
     for seed in (int(s) for s in args.seeds.split(",")):
         name = f"screen_{args.name}_seed{seed}"
-        cfg = replace(row_config(base, args.row, seed), overridden(base, overrides) | {"train.name": name})
+        cfg = replace(row_config(base, args.row, seed), given | {"train.name": name})
         train(cfg)
         metrics = dict(evaluated(cfg, name))
         model = load_trained(cfg, name)

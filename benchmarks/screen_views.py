@@ -93,10 +93,11 @@ def main() -> None:
     run_cluster(base)
     lab = load_lab(base.data)
     results = {}
+    given = overridden(base, overrides)  # over each row's own settings
     for row in args.rows.split(","):
         per_seed = []
         for seed in seeds:
-            cfg = replace(row_config(base, row, seed), overridden(base, overrides))
+            cfg = replace(row_config(base, row, seed), given)
             if cfg.embed.ensemble:
                 train_teacher(base, seed=1, name=SECOND_TEACHER)
             costs[cache_dir(cfg).name] = cache_cost(cfg)
