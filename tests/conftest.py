@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -146,9 +147,12 @@ def run_cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     )
 
 
-def kill_embed_after_a_shard(args: list[str], folder: Path, shard_delay: float) -> int:
+def kill_embed_after_a_shard(
+    args: list[str], folder: Path, shard_delay: float, while_running: Callable | None = None
+) -> int:
     """Start `clipdistill embed ARGS` with every shard slowed by `shard_delay` s, kill -9 it once
-    `folder` holds a finished shard, and return how many shards it had finished."""
+    `folder` holds a finished shard (calling `while_running(process)` first), and return how many
+    shards it had finished."""
     slow_embed = (
         "import sys, time, clipdistill.cache as c; f = c.embed_shard; "
         f"c.embed_shard = lambda *a: (time.sleep({shard_delay}), f(*a))[1]; "
@@ -163,6 +167,8 @@ def kill_embed_after_a_shard(args: list[str], folder: Path, shard_delay: float) 
         deadline = time.time() + 60
         while not list(folder.glob("shard_*.json")) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
+        if while_running is not None:
+            while_running(proc)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()

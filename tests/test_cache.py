@@ -1,3 +1,4 @@
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 
 from clipdistill.cache import CacheMismatchError, TeacherCache
 from clipdistill.checkpoint import read_json, save_state_dict
+from clipdistill.cli import main
 from clipdistill.config import ConfigError, ModelConfig, load_config
 from clipdistill.data.sources import make_pair_source
 from clipdistill.embed import run_embed
@@ -83,6 +85,34 @@ def test_kill_9_then_rerun_is_byte_identical(tmp_path, built, pairs, teacher_wei
     assert rerun.returncode == 0, rerun.stderr
     assert f'"shards_computed": {NUM_SHARDS - done}' in rerun.stdout
     assert _files(folder) == _files(cache_dir(cfg))
+
+
+@pytest.mark.slow
+def test_a_second_embed_of_a_running_cache_is_refused_and_the_first_resumes(
+    tmp_path, built, pairs, teacher_weights, capsys
+):
+    """The same command started twice: the second says who is writing the cache and leaves the first
+    one's files alone (its sweep would delete the half-written shard of a running build)."""
+    cfg, _ = built
+    args = _args(tmp_path / "twice", pairs, teacher_weights)
+    folder = tmp_path / "twice" / "cache"
+    refusals = []
+
+    def second_command(first: subprocess.Popen) -> None:
+        half_written = folder / ".emb_00007.npy.first.tmp"  # as the first one's next write would be
+        half_written.write_bytes(b"half")
+        refusals.append(main(["embed", *args]))
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"is being written by pid {first.pid}" in err, err
+        assert half_written.exists()  # not swept
+        assert (tmp_path / "twice" / ".cache.lock").read_text().startswith(f"pid {first.pid} ")
+
+    done = kill_embed_after_a_shard(args, folder, shard_delay=0.25, while_running=second_command)
+    assert refusals == [1] and 1 <= done < NUM_SHARDS
+    rerun = run_cli(["embed", *args], timeout=120)  # the killed holder's lock went with it
+    assert rerun.returncode == 0, rerun.stderr
+    assert _files(folder) == _files(cache_dir(cfg))
+    assert not (tmp_path / "twice" / ".cache.lock").exists()
 
 
 def test_rows_across_shards_in_order(built):

@@ -1,11 +1,21 @@
 """The run-folder layout: one home for every stage's paths."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
+
+from clipdistill.cli import main
 from clipdistill.config import RunConfig, replace
 from clipdistill.runs import (
+    FolderBusyError,
     cache_dir,
     data_id,
+    exclusive,
     find_run,
     model_dir,
     model_name,
@@ -55,3 +65,70 @@ def test_sweep_removes_half_written_files_only(tmp_path):
     assert not (tmp_path / ".eval.csv.x2.tmp").exists() and (tmp_path / ".model.safetensors.x1.tmp").exists()
     sweep_temps(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "notes.tmp"]
+
+
+def test_a_folder_has_one_writer_at_a_time(tmp_path):
+    folder = tmp_path / "cid"
+    lock = tmp_path / ".cid.lock"
+    with exclusive(folder):
+        assert lock.read_text().startswith(f"pid {os.getpid()} (`")
+        with pytest.raises(FolderBusyError, match=f"{folder} is being written by pid {os.getpid()} "):
+            with exclusive(folder):
+                pass
+        with exclusive(tmp_path / "cache"):  # another stage's folder is free
+            pass
+    assert not lock.exists() and not folder.exists()  # no trace: the folder is the stage's to make
+    with exclusive(folder):  # released
+        pass
+
+
+def test_under_torchrun_rank_0_holds_the_lock_for_every_rank(tmp_path, monkeypatch):
+    with exclusive(tmp_path / "cid"):
+        monkeypatch.setenv("RANK", "1")
+        with exclusive(tmp_path / "cid"):  # a rank of the same job: not refused
+            pass
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(FolderBusyError):
+            with exclusive(tmp_path / "cid"):
+                pass
+
+
+HOLD = (
+    "import sys, time; from clipdistill.runs import exclusive\n"
+    "with exclusive(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)"
+)
+
+
+def test_the_lock_dies_with_its_holder_kill_9_included(tmp_path):
+    folder = tmp_path / "cache"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(FolderBusyError, match=f"pid {holder.pid} "):
+            with exclusive(folder):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / ".cache.lock").exists()  # left by the kill, and no longer locked
+    with exclusive(folder):
+        assert (tmp_path / ".cache.lock").read_text().startswith(f"pid {os.getpid()} ")
+    assert not (tmp_path / ".cache.lock").exists()
+
+
+@pytest.mark.parametrize(
+    ("stage", "folder"),
+    [("embed", "cache"), ("balance", "balance"), ("cluster", "cluster"), ("train", "clip")],
+)
+def test_a_stage_on_a_busy_folder_is_one_line_before_any_work(tmp_path, capsys, stage, folder):
+    args = [stage, "--run_dir", str(tmp_path), "--train.method", "clip"]
+    with exclusive(tmp_path / folder):
+        start = time.time()
+        assert main(args) == 1
+        assert time.time() - start < 5  # no teacher, no data, no cache was read
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        f"clipdistill {stage}: FolderBusyError: {tmp_path / folder} is being written by pid"
+    )
+    assert len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # and it left nothing behind

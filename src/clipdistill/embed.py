@@ -25,7 +25,7 @@ from clipdistill.data.sources import ShardPairs, TablePairs, make_pair_source
 from clipdistill.data.views import RATIO
 from clipdistill.distributed import init_distributed, resolve_device
 from clipdistill.models.factory import create_teacher
-from clipdistill.runs import cache_dir, data_id, run_path
+from clipdistill.runs import cache_dir, data_id, exclusive, run_path
 
 EXAMPLES_PER_REASON = 5
 PATHS_CHECKED = 2000  # table rows whose image path is looked up for the relative-path hint
@@ -42,44 +42,45 @@ def run_embed(cfg: RunConfig) -> dict:
     in its own folder inside the cache (one teacher in memory at a time), then teacher 0."""
     views = view_settings(cfg)  # checked before any model loads
     members = ensemble_members(cfg)
-    device = resolve_device(cfg.embed.device)
-    dist_info = init_distributed(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
     folder = cache_dir(cfg)
-    fingerprints, seconds = [], 0.0
-    for k, weights in enumerate(members, start=1):
-        member = dataclasses.replace(cfg.teacher, pretrained=str(weights))
-        meta, report, _ = embed_teacher(cfg, member, member_dir(folder, k), device, views, [])
-        fingerprints.append(meta.fingerprint)
-        seconds += report["seconds"]
-    earlier = read_json(folder / "report.json")["seconds"] if (folder / "report.json").is_file() else 0.0
-    meta, report, source = embed_teacher(cfg, cfg.teacher, folder, device, views, fingerprints)
-    cache = TeacherCache(folder)
-    if isinstance(source, ShardPairs) and dist_info.is_main:
-        save_manifest(folder, source.index, cache.valid)
-    report |= {
-        "teacher": meta.model_id,
-        "num_samples": len(cache),
-        "valid_samples": int(cache.valid.sum()),
-        "skipped_total": int((~cache.valid).sum()),
-        "fingerprint": meta.fingerprint,
-        "views": meta.views,
-        # the embedding time of every run that built it: a rerun on a finished cache keeps the build's
-        "seconds": earlier + report["seconds"] + seconds,
-        "disk_bytes": sum(
-            f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "report.json"
-        ),
-    }
-    if members:
-        report["ensemble"] = [
-            TeacherCache(member_dir(folder, k)).meta.model_id for k in range(1, len(members) + 1)
-        ]
-    report |= skip_summary(folder, meta.num_shards)
-    if dist_info.is_main:
-        write_json(folder / "report.json", report)
-    check_skipped(report, cfg, source)
-    return report
+    with exclusive(folder):
+        device = resolve_device(cfg.embed.device)
+        dist_info = init_distributed(device)
+        if device.type == "cuda":
+            device = torch.device("cuda", dist_info.local_rank)
+        fingerprints, seconds = [], 0.0
+        for k, weights in enumerate(members, start=1):
+            member = dataclasses.replace(cfg.teacher, pretrained=str(weights))
+            meta, report, _ = embed_teacher(cfg, member, member_dir(folder, k), device, views, [])
+            fingerprints.append(meta.fingerprint)
+            seconds += report["seconds"]
+        earlier = read_json(folder / "report.json")["seconds"] if (folder / "report.json").is_file() else 0.0
+        meta, report, source = embed_teacher(cfg, cfg.teacher, folder, device, views, fingerprints)
+        cache = TeacherCache(folder)
+        if isinstance(source, ShardPairs) and dist_info.is_main:
+            save_manifest(folder, source.index, cache.valid)
+        report |= {
+            "teacher": meta.model_id,
+            "num_samples": len(cache),
+            "valid_samples": int(cache.valid.sum()),
+            "skipped_total": int((~cache.valid).sum()),
+            "fingerprint": meta.fingerprint,
+            "views": meta.views,
+            # the embedding time of every run that built it: a rerun on a finished cache keeps the build's
+            "seconds": earlier + report["seconds"] + seconds,
+            "disk_bytes": sum(
+                f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "report.json"
+            ),
+        }
+        if members:
+            report["ensemble"] = [
+                TeacherCache(member_dir(folder, k)).meta.model_id for k in range(1, len(members) + 1)
+            ]
+        report |= skip_summary(folder, meta.num_shards)
+        if dist_info.is_main:
+            write_json(folder / "report.json", report)
+        check_skipped(report, cfg, source)
+        return report
 
 
 def embed_teacher(

@@ -6,9 +6,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from clipdistill.config import ConfigError, RunConfig
 
@@ -82,6 +88,58 @@ def find_run(cfg: RunConfig, name: str, needed: str) -> Path | None:
         if (folder / needed).is_file():
             return folder
     return None
+
+
+class FolderBusyError(RuntimeError):
+    """Another process is writing the stage folder this one was asked to write."""
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path) -> Iterator[None]:
+    """Hold the lock of a stage's output folder while the stage writes it.
+
+    A second process on the same folder (a command relaunched while the first still runs, two screens
+    sharing a run dir) is refused, naming the holder: it would otherwise sweep the first one's
+    half-written files away and interleave their logs. The lock is `.<folder>.lock` beside the folder,
+    an flock that the kernel drops when its process ends (`kill -9` included), and the file goes with
+    it. Under torchrun rank 0 holds it for every rank."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    folder = Path(folder)
+    path = folder.parent / f".{folder.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = _flocked(path, folder)
+    try:
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} (`{' '.join(sys.argv)}`)")
+        lock.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the flock goes, so no one locks a file that is gone
+        lock.close()
+
+
+def _flocked(path: Path, folder: Path) -> IO[str]:
+    """The lock file, open and flocked by this process; one that its last holder removed between our
+    open and our flock is opened anew (the folder is free then)."""
+    while True:
+        lock = open(path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise FolderBusyError(
+                f"{folder} is being written by {holder}: wait for it to finish, or stop it and rerun"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                return lock
+        except FileNotFoundError:
+            pass
+        lock.close()
 
 
 def sweep_temps(folder: Path, pattern: str = ".*.tmp") -> None:

@@ -58,7 +58,7 @@ from clipdistill.methods import (
 )
 from clipdistill.methods.task import TERM, CacheUse, Task, loss_terms
 from clipdistill.models.factory import create_student, create_teacher
-from clipdistill.runs import cache_dir, data_id, output_dir, run_path, sweep_temps
+from clipdistill.runs import cache_dir, data_id, exclusive, output_dir, run_path, sweep_temps
 
 # Settings that may change between a run and its resume without changing the result.
 RESUME_FREE_KEYS = ("log_every", "ckpt_every", "resume", "tensorboard", "device", "grad_share")
@@ -554,22 +554,23 @@ def finish(run: Run, trainer: Trainer, log: TrainLog, pool_size: int) -> dict:
 
 def train(cfg: RunConfig) -> dict:
     """Train `cfg.train.role` with `cfg.train.method`; resumes from `checkpoint.pt` when present."""
-    run = open_run(cfg)
-    if run.finished is not None:
-        return run.finished
-    seed_everything(cfg.train)
-    trainer, source = build(cfg, run)
-    # the data before the checkpoint's RNG: a stream's loader draws its workers' seed when it starts
-    batches, pool_size = training_batches(run, trainer, source, run.state["step"] if run.state else 0)
-    start_step, elapsed = restore(trainer, run.state)
-    prepare_folder(run, start_step)
-    log = TrainLog(run, start_step, elapsed)
-    trainer.task.train()
-    for step in range(start_step, cfg.train.steps):
-        log.step(step + 1, train_step(trainer, batches, step))
-        if (step + 1) % cfg.train.ckpt_every == 0 or step + 1 == cfg.train.steps:
-            save_checkpoint(run, trainer, step + 1, log.lap())
-    return finish(run, trainer, log, pool_size)
+    with exclusive(output_dir(cfg)):
+        run = open_run(cfg)
+        if run.finished is not None:
+            return run.finished
+        seed_everything(cfg.train)
+        trainer, source = build(cfg, run)
+        # the data before the checkpoint's RNG: a stream's loader draws its workers' seed when it starts
+        batches, pool_size = training_batches(run, trainer, source, run.state["step"] if run.state else 0)
+        start_step, elapsed = restore(trainer, run.state)
+        prepare_folder(run, start_step)
+        log = TrainLog(run, start_step, elapsed)
+        trainer.task.train()
+        for step in range(start_step, cfg.train.steps):
+            log.step(step + 1, train_step(trainer, batches, step))
+            if (step + 1) % cfg.train.ckpt_every == 0 or step + 1 == cfg.train.steps:
+                save_checkpoint(run, trainer, step + 1, log.lap())
+        return finish(run, trainer, log, pool_size)
 
 
 def equalize_batch(batch: dict) -> dict:

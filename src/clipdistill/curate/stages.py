@@ -26,7 +26,7 @@ from clipdistill.curate.balance import (
 )
 from clipdistill.curate.cluster import concat_image_text, kmeans_centroids
 from clipdistill.distributed import init_distributed
-from clipdistill.runs import cache_dir, model_dir, run_path, sweep_temps
+from clipdistill.runs import cache_dir, exclusive, model_dir, run_path, sweep_temps
 
 
 class CacheView:
@@ -70,45 +70,49 @@ def _reusable(folder: Path, key: str) -> dict | None:
 def run_balance(cfg: RunConfig) -> dict:
     """Perceptual then semantic dedup of the cache's image embeddings -> `<run_dir>/balance/`."""
     bc = cfg.balance
-    cache = _cache(cfg)
     folder = model_dir(cfg, "balance")
-    sweep_temps(folder)
-    key = fingerprint({"balance": to_dict(bc), "cache": cache.meta.fingerprint})
-    if (done := _reusable(folder, key)) is not None:
-        return done
-    images = CacheView(cache)
-    valid = cache.valid.copy()
-    after_perceptual = perceptual_dedup(images, keep_mask=valid, tau_p=bc.tau_p)
-    if after_perceptual.sum() < bc.n_clusters:
-        raise ValueError(
-            f"the perceptual pass (tau_p {bc.tau_p}) left {int(after_perceptual.sum())} samples, fewer than "
-            f"balance.n_clusters {bc.n_clusters}: raise --balance.tau_p or lower --balance.n_clusters"
+    with exclusive(folder):
+        cache = _cache(cfg)
+        sweep_temps(folder)
+        key = fingerprint({"balance": to_dict(bc), "cache": cache.meta.fingerprint})
+        if (done := _reusable(folder, key)) is not None:
+            return done
+        images = CacheView(cache)
+        valid = cache.valid.copy()
+        after_perceptual = perceptual_dedup(images, keep_mask=valid, tau_p=bc.tau_p)
+        if after_perceptual.sum() < bc.n_clusters:
+            raise ValueError(
+                f"the perceptual pass (tau_p {bc.tau_p}) left {int(after_perceptual.sum())} samples, "
+                f"fewer than balance.n_clusters {bc.n_clusters}: raise --balance.tau_p or lower "
+                "--balance.n_clusters"
+            )
+        kept_mask, cluster_of = semantic_dedup(
+            images, after_perceptual, bc.n_clusters, bc.tau_s, seed=bc.seed
         )
-    kept_mask, cluster_of = semantic_dedup(images, after_perceptual, bc.n_clusters, bc.tau_s, seed=bc.seed)
-    tau = bc.tau_s
-    if bc.keep_ratio > 0:
-        tau, kept_mask = search_tau_for_keep_ratio(images, after_perceptual, cluster_of, bc.keep_ratio)
-    kept = np.flatnonzero(kept_mask).astype(np.int64)
-    rng = np.random.default_rng(bc.seed)
-    random = np.sort(rng.choice(np.flatnonzero(valid), size=len(kept), replace=False)).astype(np.int64)
-    save_npy(folder / "kept.npy", kept)
-    save_npy(folder / "random.npy", random)
-    atomic_write(
-        folder / "cluster_sizes.png",
-        lambda tmp: cluster_size_histogram_png(cluster_of, valid, kept_mask, tmp),
-    )
-    report = {
-        "fingerprint": key,
-        "num_samples": len(cache),
-        "valid_samples": int(valid.sum()),
-        "removed_perceptual": int(valid.sum() - after_perceptual.sum()),
-        "removed_semantic": int(after_perceptual.sum() - kept_mask.sum()),
-        "kept": len(kept),
-        "kept_ratio": len(kept) / len(cache),
-        "tau_s": float(tau),
-    }
-    write_json(folder / "report.json", report)
-    return report
+        tau = bc.tau_s
+        if bc.keep_ratio > 0:
+            tau, kept_mask = search_tau_for_keep_ratio(images, after_perceptual, cluster_of, bc.keep_ratio)
+        kept = np.flatnonzero(kept_mask).astype(np.int64)
+        rng = np.random.default_rng(bc.seed)
+        random = np.sort(rng.choice(np.flatnonzero(valid), size=len(kept), replace=False)).astype(np.int64)
+        save_npy(folder / "kept.npy", kept)
+        save_npy(folder / "random.npy", random)
+        atomic_write(
+            folder / "cluster_sizes.png",
+            lambda tmp: cluster_size_histogram_png(cluster_of, valid, kept_mask, tmp),
+        )
+        report = {
+            "fingerprint": key,
+            "num_samples": len(cache),
+            "valid_samples": int(valid.sum()),
+            "removed_perceptual": int(valid.sum() - after_perceptual.sum()),
+            "removed_semantic": int(after_perceptual.sum() - kept_mask.sum()),
+            "kept": len(kept),
+            "kept_ratio": len(kept) / len(cache),
+            "tau_s": float(tau),
+        }
+        write_json(folder / "report.json", report)
+        return report
 
 
 def _subset_mask(cfg: RunConfig, cache: TeacherCache) -> tuple[np.ndarray, str]:
@@ -129,30 +133,33 @@ def run_cluster(cfg: RunConfig) -> dict:
     the ranks share the labelling pass and rank 0 writes."""
     is_main = init_distributed(torch.device("cpu")).is_main
     cc = cfg.cluster
-    cache = _cache(cfg)
     folder = model_dir(cfg, cfg.cid.clusters)
-    sweep_temps(folder)
-    mask, subset_hash = _subset_mask(cfg, cache)
-    key = fingerprint({"cluster": to_dict(cc), "cache": cache.meta.fingerprint, "subset": subset_hash})
-    if (done := _reusable(folder, key)) is not None:
-        return done
-    embeddings: Any = CacheView(cache)
-    if cc.use_text:
-        embeddings = concat_image_text(embeddings, CacheView(cache, "text"))
-    centroids, labels = kmeans_centroids(embeddings, cc.n_clusters, seed=cc.seed, niter=cc.niter, mask=mask)
-    labels = np.where(mask, labels, -1).astype(np.int64)
-    if is_main:
-        save_npy(folder / "centroids.npy", centroids.astype(np.float32))
-        save_npy(folder / "labels.npy", labels)
-    sizes = np.bincount(labels[mask], minlength=cc.n_clusters)
-    report = {
-        "fingerprint": key,
-        "n_clusters": cc.n_clusters,
-        "clustered_samples": int(mask.sum()),
-        "dim": int(centroids.shape[1]),
-        "largest_cluster": int(sizes.max()),
-        "empty_clusters": int((sizes == 0).sum()),
-    }
-    if is_main:
-        write_json(folder / "report.json", report)
-    return report
+    with exclusive(folder):
+        cache = _cache(cfg)
+        sweep_temps(folder)
+        mask, subset_hash = _subset_mask(cfg, cache)
+        key = fingerprint({"cluster": to_dict(cc), "cache": cache.meta.fingerprint, "subset": subset_hash})
+        if (done := _reusable(folder, key)) is not None:
+            return done
+        embeddings: Any = CacheView(cache)
+        if cc.use_text:
+            embeddings = concat_image_text(embeddings, CacheView(cache, "text"))
+        centroids, labels = kmeans_centroids(
+            embeddings, cc.n_clusters, seed=cc.seed, niter=cc.niter, mask=mask
+        )
+        labels = np.where(mask, labels, -1).astype(np.int64)
+        if is_main:
+            save_npy(folder / "centroids.npy", centroids.astype(np.float32))
+            save_npy(folder / "labels.npy", labels)
+        sizes = np.bincount(labels[mask], minlength=cc.n_clusters)
+        report = {
+            "fingerprint": key,
+            "n_clusters": cc.n_clusters,
+            "clustered_samples": int(mask.sum()),
+            "dim": int(centroids.shape[1]),
+            "largest_cluster": int(sizes.max()),
+            "empty_clusters": int((sizes == 0).sum()),
+        }
+        if is_main:
+            write_json(folder / "report.json", report)
+        return report
