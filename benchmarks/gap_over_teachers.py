@@ -25,15 +25,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.screen_baselines import val_zeroshot  # noqa: E402
 from benchmarks.screen_views import cache_cost  # noqa: E402
 
 from clipdistill.checkpoint import write_json  # noqa: E402
 from clipdistill.config import ConfigError, RunConfig, load_config, overridden, replace  # noqa: E402
 from clipdistill.curate.stages import run_balance, run_cluster  # noqa: E402
-from clipdistill.data.lab import load_lab  # noqa: E402
 from clipdistill.host import host_info  # noqa: E402
-from clipdistill.lab import LAB_CONFIG, evaluated, row_config, summarize, train_teacher  # noqa: E402
+from clipdistill.lab import LAB_CONFIG, evaluated, row_config, summarize, train_teacher, val_zeroshot  # noqa: E402
 from clipdistill.runs import model_dir  # noqa: E402
 from clipdistill.train import train  # noqa: E402
 
@@ -49,7 +47,7 @@ def teacher_config(base: RunConfig, seed: int) -> tuple[RunConfig, str]:
     return replace(base, {"run_dir": f"{base.run_dir}_t{seed}", "teacher.pretrained": weights}), name
 
 
-def scores(cfg: RunConfig, row: str, seeds: list[int], lab, overrides: dict) -> dict:
+def scores(cfg: RunConfig, row: str, seeds: list[int], overrides: dict) -> dict:
     """Validation and test zero-shot top-1 of `row` (with `overrides` over its own settings) trained
     (or reused) for each seed."""
     val, test = [], []
@@ -57,7 +55,7 @@ def scores(cfg: RunConfig, row: str, seeds: list[int], lab, overrides: dict) -> 
         run = replace(row_config(cfg, row, seed), overrides)
         train(run)
         test.append(evaluated(run, run.train.name)["zeroshot_top1"])
-        val.append(val_zeroshot(run, run.train.name, lab))
+        val.append(val_zeroshot(run, run.train.name))
         print(f"{cfg.run_dir}/{run.train.name}: val {val[-1]:.2f}, test {test[-1]:.2f}", flush=True)
     return {"val_zeroshot_top1": summarize(val), "zeroshot_top1": summarize(test)}
 
@@ -83,8 +81,7 @@ def main() -> None:
     given = overridden(base, overrides)  # over each row's own settings, for every draw
     if any(key.startswith("teacher.") or key == "run_dir" for key in given):
         parser.error("the teacher and run dir of each draw are this script's: use --teachers and --run-dir")
-    lab = load_lab(base.data)
-    no_kd = scores(base, "no_kd", seeds, lab, given)
+    no_kd = scores(base, "no_kd", seeds, given)
     scratch = no_kd["zeroshot_top1"]["mean"]
     report = {"run_dir": args.run_dir, "host": host_info(), "student_seeds": seeds, "no_kd": no_kd}
     report["teachers"] = {}
@@ -97,7 +94,7 @@ def main() -> None:
         draw = {"teacher": name, "run_dir": cfg.run_dir, "teacher_zeroshot_top1": teacher, "cache": cache}
         draw["rows"] = {}
         for row in rows:
-            result = scores(cfg, row, seeds, lab, given)
+            result = scores(cfg, row, seeds, given)
             result["gap_recovered"] = (result["zeroshot_top1"]["mean"] - scratch) / (teacher - scratch)
             draw["rows"][row] = result
         report["teachers"][str(teacher_seed)] = draw

@@ -20,23 +20,17 @@ every run (e.g. `--train.steps 20` for a smoke run).
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
 
 from clipdistill.checkpoint import write_json  # noqa: E402
 from clipdistill.config import BASELINE_ORIGINS, ConfigError, DistillConfig, load_config, replace  # noqa: E402
-from clipdistill.data.lab import load_lab  # noqa: E402
 from clipdistill.embed import run_embed  # noqa: E402
-from clipdistill.evaluate.run import image_features, text_features  # noqa: E402
-from clipdistill.evaluate.zeroshot import zeroshot_accuracy  # noqa: E402
-from clipdistill.lab import LAB_CONFIG, evaluated, row_config, train_teacher  # noqa: E402
-from clipdistill.models.classifier import load_trained, zeroshot_classifier  # noqa: E402
+from clipdistill.lab import LAB_CONFIG, evaluated, row_config, train_teacher, val_zeroshot  # noqa: E402
 from clipdistill.train import train  # noqa: E402
 
 # Baseline -> its points, each the overrides of one run. Each grid holds the origin's settings (the
@@ -95,16 +89,6 @@ def kd_share(metrics: dict) -> float | None:
     if not shares:
         return None
     return 1.0 - shares.get("grad_share/clip", 0.0)
-
-
-def val_zeroshot(cfg, name: str, lab) -> float:
-    """Zero-shot top-1 of train folder `name` on the lab's validation split."""
-    cpu = torch.device("cpu")
-    model = load_trained(cfg, name)
-    encode_text = functools.partial(text_features, model, device=cpu)
-    classifier = zeroshot_classifier(encode_text, lab.classnames, lab.templates)
-    val = image_features(model, lab.val, cfg.eval.batch_size, cpu)
-    return zeroshot_accuracy(val, lab.val.labels, classifier)["acc1"]
 
 
 def summary(runs: list[dict]) -> dict[str, dict]:
@@ -189,7 +173,6 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     train_teacher(base)  # reused when the run dir holds it
     run_embed(base)
-    lab = load_lab(base.data)
     report = {"seeds": seeds, "overrides": overrides, "grid": GRID}
     report["points"], report["chosen"] = {}, {}
     out = Path(args.out)
@@ -201,7 +184,7 @@ def main() -> None:
             cfg = replace(row_config(base, row, seed), {"train.name": name, **settings})
             train(cfg)
             metrics = dict(evaluated(cfg, name))
-            metrics["val_zeroshot_top1"] = val_zeroshot(cfg, name, lab)
+            metrics["val_zeroshot_top1"] = val_zeroshot(cfg, name)
             metrics["kd_share"] = kd_share(metrics) if row != "no_kd" else None
             entry["runs"].append({"seed": seed, **{k: metrics[k] for k in KEYS}})
             entry["summary"] = summary(entry["runs"])

@@ -20,21 +20,15 @@ reproducible for a fixed thread count):
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
 
 from clipdistill.config import ConfigError, load_config, overridden, replace  # noqa: E402
 from clipdistill.curate.stages import run_cluster  # noqa: E402
-from clipdistill.data.lab import load_lab  # noqa: E402
-from clipdistill.evaluate.run import image_features, text_features  # noqa: E402
-from clipdistill.evaluate.zeroshot import zeroshot_accuracy  # noqa: E402
-from clipdistill.lab import LAB_CONFIG, evaluated, row_config  # noqa: E402
-from clipdistill.models.classifier import load_trained, zeroshot_classifier  # noqa: E402
+from clipdistill.lab import LAB_CONFIG, evaluated, row_config, val_zeroshot  # noqa: E402
 from clipdistill.train import train  # noqa: E402
 
 
@@ -53,8 +47,6 @@ def main() -> None:
     except ConfigError as e:
         parser.error(str(e))
     print("cluster", run_cluster(base), flush=True)
-    lab = load_lab(base.data)
-    cpu = torch.device("cpu")
     scores = []
     given = overridden(base, overrides)  # over the row's own settings
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -62,11 +54,7 @@ def main() -> None:
         cfg = replace(row_config(base, args.row, seed), given | {"train.name": name})
         train(cfg)
         metrics = dict(evaluated(cfg, name))
-        model = load_trained(cfg, name)
-        encode_text = functools.partial(text_features, model, device=cpu)
-        classifier = zeroshot_classifier(encode_text, lab.classnames, lab.templates)
-        val = image_features(model, lab.val, cfg.eval.batch_size, cpu)
-        metrics["val_zeroshot_top1"] = zeroshot_accuracy(val, lab.val.labels, classifier)["acc1"]
+        metrics["val_zeroshot_top1"] = val_zeroshot(cfg, name)
         scores.append(metrics)
         keys = ("val_zeroshot_top1", "zeroshot_top1", "linear_probe_top1")
         print(name, {key: round(metrics[key], 2) for key in keys}, flush=True)

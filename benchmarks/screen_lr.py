@@ -27,12 +27,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.screen_baselines import summary, val_zeroshot  # noqa: E402
+from benchmarks.screen_baselines import summary  # noqa: E402
 
-from clipdistill.checkpoint import read_json, write_json  # noqa: E402
+from clipdistill.checkpoint import write_json  # noqa: E402
 from clipdistill.config import ConfigError, load_config, replace  # noqa: E402
-from clipdistill.data.lab import load_lab  # noqa: E402
-from clipdistill.lab import LAB_CONFIG, evaluated, row_config  # noqa: E402
+from clipdistill.lab import LAB_CONFIG, evaluated, row_config, val_zeroshot  # noqa: E402
 from clipdistill.runs import model_dir  # noqa: E402
 from clipdistill.train import train  # noqa: E402
 
@@ -41,18 +40,13 @@ TITLE = "# The student learning rate of each grid row, screened on validation"
 KEYS = ("val_zeroshot_top1", "zeroshot_top1", "linear_probe_top1")
 
 
-def run_point(base, row: str, lr: float, seed: int, lab) -> dict:
+def run_point(base, row: str, lr: float, seed: int) -> dict:
     """Train (or reuse) one row at one rate and seed; its validation and test metrics."""
     cfg = row_config(base, row, seed)
     if lr != cfg.train.lr:  # the row's own rate is the grid's run itself
         cfg = replace(cfg, {"train.name": f"lr{lr:g}_{row}_seed{seed}", "train.lr": lr})
-    name = cfg.train.name
-    cached = model_dir(cfg, name) / "val_zeroshot.json"
-    if not cached.is_file():
-        train(cfg)
-        write_json(cached, {"val_zeroshot_top1": val_zeroshot(cfg, name, lab)})
-    metrics = dict(evaluated(cfg, name))
-    metrics.update(read_json(cached))
+    train(cfg)
+    metrics = evaluated(cfg, cfg.train.name) | {"val_zeroshot_top1": val_zeroshot(cfg, cfg.train.name)}
     return {"seed": seed, **{key: metrics[key] for key in KEYS}}
 
 
@@ -111,7 +105,6 @@ def main() -> None:
     if not model_dir(base, "cache").is_dir():
         parser.error(f"{args.run_dir} has no teacher cache: run `make bench` (or `bench --only cid`) first")
     seeds = [int(s) for s in args.seeds.split(",")]
-    lab = load_lab(base.data)
     shared = f"{base.train.lr:g}"
     report = {"seeds": seeds, "overrides": overrides, "shared_lr": shared, "points": {}, "chosen": {}}
     out = Path(args.out)
@@ -120,7 +113,7 @@ def main() -> None:
         for lr in (float(v) for v in args.lrs.split(",")):
             entry = report["points"].setdefault(row, {}).setdefault(f"{lr:g}", {"runs": []})
             for seed in seeds:
-                entry["runs"].append(run_point(base, row, lr, seed, lab))
+                entry["runs"].append(run_point(base, row, lr, seed))
                 entry["summary"] = summary(entry["runs"])
                 report["chosen"] = choose(report)
                 print(row, f"lr {lr:g}", {k: round(v, 2) for k, v in entry["runs"][-1].items()}, flush=True)

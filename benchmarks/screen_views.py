@@ -18,26 +18,20 @@ one JSON with every number (rewritten after each row) and prints a summary.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
 
 from clipdistill.cache import TeacherCache  # noqa: E402
 from clipdistill.checkpoint import read_json, write_json  # noqa: E402
 from clipdistill.config import ConfigError, load_config, overridden, replace  # noqa: E402
 from clipdistill.curate.stages import run_balance, run_cluster  # noqa: E402
-from clipdistill.data.lab import load_lab  # noqa: E402
 from clipdistill.embed import run_embed  # noqa: E402
-from clipdistill.evaluate.run import image_features, text_features  # noqa: E402
-from clipdistill.evaluate.zeroshot import zeroshot_accuracy  # noqa: E402
-from clipdistill.lab import LAB_CONFIG, evaluated, row_config, train_teacher  # noqa: E402
+from clipdistill.lab import LAB_CONFIG, evaluated, row_config, train_teacher, val_zeroshot  # noqa: E402
 from clipdistill.lab.demo import SECOND_TEACHER  # noqa: E402
-from clipdistill.models.classifier import load_trained, zeroshot_classifier  # noqa: E402
 from clipdistill.runs import cache_dir  # noqa: E402
 from clipdistill.train import train  # noqa: E402
 
@@ -61,16 +55,6 @@ def cache_cost(cfg) -> dict:
     }
 
 
-def val_zeroshot(cfg, name: str, lab) -> float:
-    cpu = torch.device("cpu")
-    model = load_trained(cfg, name)
-    classifier = zeroshot_classifier(
-        functools.partial(text_features, model, device=cpu), lab.classnames, lab.templates
-    )
-    val = image_features(model, lab.val, cfg.eval.batch_size, cpu)
-    return zeroshot_accuracy(val, lab.val.labels, classifier)["acc1"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -91,7 +75,6 @@ def main() -> None:
     costs = {"cache": cache_cost(base)}
     run_balance(base)
     run_cluster(base)
-    lab = load_lab(base.data)
     results = {}
     given = overridden(base, overrides)  # over each row's own settings
     for row in args.rows.split(","):
@@ -103,7 +86,7 @@ def main() -> None:
             costs[cache_dir(cfg).name] = cache_cost(cfg)
             train(cfg)
             metrics = dict(evaluated(cfg, cfg.train.name))
-            metrics["val_zeroshot_top1"] = val_zeroshot(cfg, cfg.train.name, lab)
+            metrics["val_zeroshot_top1"] = val_zeroshot(cfg, cfg.train.name)
             per_seed.append({key: metrics[key] for key in METRICS})
             print(cfg.train.name, {key: round(per_seed[-1][key], 2) for key in METRICS}, flush=True)
         results[row] = {"seeds": seeds, "cache": cache_dir(cfg).name} | {

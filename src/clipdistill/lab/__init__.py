@@ -25,6 +25,7 @@ from clipdistill.lab.demo import (
     run_rows,
     summarize,
     train_teacher,
+    val_zeroshot,
 )
 
 LAB_CONFIG = Path(__file__).parent / "lab.yaml"
@@ -46,5 +47,6 @@ __all__ = [
     "select_rows",
     "summarize",
     "train_teacher",
+    "val_zeroshot",
     "write_plots",
 ]

@@ -168,6 +168,12 @@ def evaluated(cfg: RunConfig, name: str) -> dict:
     return metrics | {"train_seconds": seconds} | logged_diagnostics(folder)
 
 
+def val_zeroshot(cfg: RunConfig, name: str) -> float:
+    """Zero-shot top-1 of train folder `name` on the lab's validation split, where the screens choose
+    every setting (kept in its `eval_val.json` like `evaluated` keeps the test split's)."""
+    return evaluated(replace(cfg, {"eval.split": "val"}), name)["zeroshot_top1"]
+
+
 def train_teacher(cfg: RunConfig, seed: int = 0, name: str = "teacher") -> dict:
     """The lab teacher (`name` trained with `seed`: the ensemble's second teacher is another seed)."""
     teacher_cfg = replace(
