@@ -10,6 +10,7 @@ from clipdistill.config import (
     config_from_dict,
     fingerprint,
     load_config,
+    replace,
     to_dict,
     trained_config,
 )
@@ -159,8 +160,6 @@ def test_choices_match_what_the_code_implements():
 
 
 def test_replace_is_typed_and_leaves_the_original():
-    from clipdistill.config import replace
-
     cfg = RunConfig()
     values = {"train.steps": 3, "cid.lambda_cd": 0, "run_dir": "other", "data.domain": "noise"}
     out = replace(cfg, values)
@@ -225,3 +224,23 @@ def test_overrides_set_again_over_a_lab_row_win_over_its_own_settings():
     assert given == {"cid.lambda_rd": 2.0, "train.lr": 0.001}
     cfg = replace(row_config(base, "cid_rd", 0), given)
     assert (cfg.cid.lambda_rd, cfg.train.lr, cfg.train.method) == (2.0, 0.001, "cid")
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [("train.steps", 0), ("train.steps", -5), ("train.batch_size", 0), ("embed.batch_size", 0),
+     ("embed.shard_size", -1), ("cluster.n_clusters", 0), ("train.ckpt_every", 0)],
+)  # fmt: skip
+def test_counts_below_one_are_refused_however_they_are_given(tmp_path, where, value):
+    """0 steps would write a `done.json` over an untrained model; a batch of 0 divides by zero mid-stage."""
+    message = f"{where} must be at least 1, not {value}"
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"--{where}", str(value)])
+    section, key = where.split(".")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({section: {key: value}}))
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=message):
+        replace(RunConfig(), {where: value})
+    assert replace(RunConfig(), {where: 1}) is not None and load_config(None, [f"--{where}", "1"])

@@ -171,8 +171,8 @@ def test_done_json_makes_a_rerun_return_at_once(pairs_config, monkeypatch):
         train(pairs_config("--train.log_every", "2", "--eval.batch_size", "7", "--lab.rows", "[a, b]"))
         == first
     )
-    with pytest.raises(ConfigError, match="already holds a finished run with another config"):
-        train(pairs_config("--train.lr", "1e-3"))
+    with pytest.raises(ConfigError, match=r"already holds a finished run with another config \(train.lr "):
+        train(pairs_config("--train.lr", "1e-3"))  # the message names what differs
 
 
 @pytest.mark.parametrize(
@@ -186,6 +186,17 @@ def test_done_json_makes_a_rerun_return_at_once(pairs_config, monkeypatch):
 def test_bad_train_settings_are_refused_when_the_config_loads(pairs_config, override, message):
     with pytest.raises(ConfigError, match=message):
         pairs_config(*override)
+
+
+def test_a_warmup_longer_than_the_run_is_said_and_a_negative_one_refused(pairs_config, capsys):
+    """With the default 50 steps of warm-up a short run never reaches train.lr: a note says so."""
+    cfg = pairs_config("--train.steps", "4", "--train.warmup_steps", "-1")
+    with pytest.raises(ConfigError, match="train.warmup_steps -1: steps of warm-up, 0 or more"):
+        train(cfg)
+    assert not output_dir(cfg).exists()
+    assert train(pairs_config("--train.steps", "4", "--train.warmup_steps", "16"))["steps"] == 4
+    note = "note: train.warmup_steps 16 > train.steps 4: the learning rate reaches 25% of train.lr"
+    assert note in capsys.readouterr().err
 
 
 def test_checkpoints_carry_the_cuda_generator_when_there_is_one(monkeypatch):

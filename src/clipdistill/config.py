@@ -26,6 +26,28 @@ class ConfigError(ValueError):
     """A config that cannot run: raised before any work is done."""
 
 
+# Counts that mean nothing below 1, refused as the config loads: 0 steps would "finish" an untrained
+# model, a batch of 0 would divide by zero mid-stage.
+AT_LEAST_ONE = frozenset(
+    {
+        "train.steps",
+        "train.batch_size",
+        "train.accum_steps",
+        "train.log_every",
+        "train.ckpt_every",
+        "embed.batch_size",
+        "embed.shard_size",
+        "embed.views",
+        "eval.batch_size",
+        "balance.n_clusters",
+        "cluster.n_clusters",
+        "cluster.niter",
+        "lab.teacher_steps",
+        "lab.jobs",
+    }
+)
+
+
 # The choices of a field, checked when the config loads (before any model loads).
 DataKind = Literal["lab", "csv", "webdataset", "paper", "folder"]
 Domain = Literal["", "inverted", "rotated", "blurred", "low_contrast", "noise"]  # data/shifts.py
@@ -358,6 +380,8 @@ def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
         except ValueError:
             pass
     if typ is int and isinstance(value, int) and not isinstance(value, bool):
+        if value < 1 and where in AT_LEAST_ONE:
+            raise ConfigError(f"{where} must be at least 1, not {value}")
         return value
     if typ is str and isinstance(value, str):
         return value

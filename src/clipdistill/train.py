@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from clipdistill.config import (
     config_from_dict,
     fingerprint,
     to_dict,
+    trained_config,
 )
 from clipdistill.data.sampler import StepSampler
 from clipdistill.data.sources import ShardPairs, make_pair_source
@@ -160,6 +162,12 @@ def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _changed_settings(made_with: dict | None, cfg: RunConfig, folder: Path) -> str:
+    """The settings that differ between the config a run was made with and `cfg`, for a refusal."""
+    changed = _changes(_fingerprinted(made_with), _fingerprinted(to_dict(cfg))) if made_with else []
+    return "; ".join(changed[:8]) or f"see {folder / 'config.yaml'}"
+
+
 def _trim_metrics(path: Path, last_step: int) -> None:
     """Keep the metrics of the steps up to the checkpoint: a resumed run logs the later ones again."""
     if not path.is_file():
@@ -228,9 +236,19 @@ def open_run(cfg: RunConfig) -> Run:
         run.finished = read_json(done_path)
         if run.finished["fingerprint"] == run.fingerprint:
             return run
+        made_with = to_dict(trained_config(run.out)) if (run.out / "config.yaml").is_file() else None
         raise ConfigError(
-            f"{run.out} already holds a finished run with another config; choose another --train.name "
+            f"{run.out} already holds a finished run with another config "
+            f"({_changed_settings(made_with, cfg, run.out)}); use its settings, another --train.name, "
             "or delete the folder"
+        )
+    if tc.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps {tc.warmup_steps}: steps of warm-up, 0 or more (0: none)")
+    if tc.warmup_steps > tc.steps and dist_info.is_main:
+        print(
+            f"clipdistill train: note: train.warmup_steps {tc.warmup_steps} > train.steps {tc.steps}: the "
+            f"learning rate reaches {tc.steps / tc.warmup_steps:.0%} of train.lr (see --train.warmup_steps)",
+            file=sys.stderr,
         )
     if not 0.0 <= tc.augment <= 1.0:
         raise ConfigError(f"train.augment {tc.augment}: the smallest crop area, in (0, 1]; 0 is off")
@@ -247,9 +265,7 @@ def open_run(cfg: RunConfig) -> Run:
     if run.checkpoint.is_file() and tc.resume == "auto":
         run.state = safe_torch_load(run.checkpoint)  # checked before any work is done
         if run.state["fingerprint"] != run.fingerprint:
-            old = run.state.get("config")
-            changed = _changes(_fingerprinted(old), _fingerprinted(to_dict(cfg))) if old else []
-            what = "; ".join(changed[:8]) or f"see {run.out / 'config.yaml'}"
+            what = _changed_settings(run.state.get("config"), cfg, run.out)
             raise ConfigError(
                 f"{run.checkpoint} was written with another config ({what}); "
                 "resuming would mix two runs. Use the same config, another --train.name, "

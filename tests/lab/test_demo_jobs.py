@@ -69,7 +69,6 @@ def test_a_failed_job_stops_the_grid_with_its_error(tmp_path):
         demo.run_jobs(cfg, [("cid", 0)])
 
 
-def test_jobs_below_one_are_refused(tmp_path):
-    cfg = load_config(None, tiny_overrides(tmp_path, "--lab.jobs", "0"))
-    with pytest.raises(ConfigError, match="lab.jobs"):
-        demo.run_jobs(cfg, [("no_kd", 0)])
+def test_jobs_below_one_are_refused_as_the_config_loads(tmp_path):
+    with pytest.raises(ConfigError, match="lab.jobs must be at least 1, not 0"):
+        load_config(None, tiny_overrides(tmp_path, "--lab.jobs", "0"))

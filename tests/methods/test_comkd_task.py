@@ -314,14 +314,14 @@ def test_projector_starts_as_the_skip_projection():
 
 def test_stage2_starts_from_a_trained_student(tiny_cache, prompted, tmp_path):
     """`comkd.student_init` chains the methods: stage 2 begins with that student's weights and its
-    teacher-space image projection, so 0 steps is that student's zero-shot over W_t."""
+    teacher-space image projection, so a step at learning rate 0 is that student's zero-shot over W_t."""
     cfg = _stage2(tiny_cache, prompted, tmp_path, "--train.method", "clip", "--train.name", "init")
     train(cfg)
     init = tmp_path / "run" / "init"
     torch.manual_seed(1)
     skip = torch.randn(32, 32)
     save_file({"proj_image.proj.weight": skip}, init / "heads.safetensors")
-    cfg.train.method, cfg.train.name, cfg.train.steps = "comkd", "chained", 0
+    cfg.train.method, cfg.train.name, cfg.train.steps, cfg.train.lr = "comkd", "chained", 1, 0.0
     cfg.comkd.student_init = "init"
     cfg.comkd.eduattention = "mean_text"  # its α starts at 0: the head is P alone at step 0
     train(cfg)

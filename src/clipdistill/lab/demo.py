@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from clipdistill.checkpoint import read_json, write_json
-from clipdistill.config import ConfigError, RunConfig, fingerprint, replace, to_dict
+from clipdistill.config import RunConfig, fingerprint, replace, to_dict
 from clipdistill.curate.stages import run_balance, run_cluster
 from clipdistill.embed import run_embed
 from clipdistill.evaluate.run import eval_stem, run_eval
@@ -244,8 +244,6 @@ def run_jobs(cfg: RunConfig, jobs: list[tuple[str, int]]) -> dict[tuple[str, int
     """Each (row, seed) job's metrics. With `lab.jobs` > 1 they run that many at a time, each in a fresh
     process with `threads // lab.jobs` threads: small models use two single-threaded trainings better
     than one two-threaded one. Stage-2 rows start once every other job has finished."""
-    if cfg.lab.jobs < 1:
-        raise ConfigError(f"lab.jobs: {cfg.lab.jobs} trainings at a time; expected at least 1")
     if cfg.lab.jobs == 1:
         return {job: train_and_evaluate(cfg, *job) for job in jobs}
     threads = max(1, torch.get_num_threads() // cfg.lab.jobs)
