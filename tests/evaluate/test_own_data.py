@@ -129,6 +129,21 @@ def test_the_tables_split_column_and_a_folder_tree(tmp_path, teacher_dir):
     assert metrics["test_images"] == 12 and "retrieval_rule" not in metrics
 
 
+def test_split_probe_and_protocol_options_are_not_ignored_on_your_own_images(tmp_path, data, teacher_dir):
+    args = _args(tmp_path, data, "--eval.model", "teacher", "--teacher.name", f"local-dir:{teacher_dir}")
+    test = run_eval(load_config(None, args))
+    val = run_eval(load_config(None, [*args, "--eval.split", "val"]))
+    assert 0 < val["val_images"] < 12 and "test_images" not in val
+    assert not {"linear_probe_top1", "retrieval_i2t_r1"} & set(val)  # the test split's, as on the lab
+    assert read_json(tmp_path / "teacher" / "eval_pairs_val.json") == val
+    assert read_json(tmp_path / "teacher" / "eval_pairs.json") == test  # not replaced
+    no_probe = run_eval(load_config(None, [*args, "--eval.linear_probe", "false"]))
+    assert "linear_probe_top1" not in no_probe and "linear_probe_top1" in test
+    assert no_probe["zeroshot_top1"] == test["zeroshot_top1"]
+    with pytest.raises(ConfigError, match="eval.protocol base_to_novel scores the lab"):
+        run_eval(load_config(None, [*args, "--eval.protocol", "base_to_novel"]))
+
+
 def test_class_folders_are_matched_to_the_listed_names_by_name(tmp_path):
     write_table(tmp_path / "d", per_class=2)
     listed = ["red circle", "green square", "blue triangle"]  # not the folders' sorted order
@@ -143,6 +158,13 @@ def test_class_folders_are_matched_to_the_listed_names_by_name(tmp_path):
     data = read_labelled(load_config(None, _args(tmp_path, tmp_path / "d" / "images", *args)))
     first = [f.parent.name for f, label in zip(data.files, data.labels, strict=True) if label == 0]
     assert first == ["blue_triangle"] * 2
+    # one misnamed folder among matching ones would relabel every folder by sorted order: refused
+    args[-1] = str(tmp_path / "classes.txt")
+    (tmp_path / "d" / "images" / "red_circle").rename(tmp_path / "d" / "images" / "red_circel")
+    with pytest.raises(
+        ConfigError, match=r"class folders \['red_circel'\] match no name .* while 2 others do"
+    ):
+        read_labelled(load_config(None, _args(tmp_path, tmp_path / "d" / "images", *args)))
 
 
 def _save_run(folder, cfg, model):

@@ -217,10 +217,18 @@ def _read_folder(root: Path, names: list[str] | None) -> LabelledImages:
         raise ConfigError(
             f"{root}: {len(names)} class names given for {len(classes)} class folders {classes[:8]}"
         )
-    # folders named after the listed classes take their label by name, others by sorted folder order
+    # folders named after the listed classes take their label by name; folders that match none of the
+    # names (ids like n01440764) take the names in sorted folder order, as torchvision's ImageFolder does
     by_name = {name: i for i, name in enumerate(names or [])}
     named = [by_name.get(c, by_name.get(c.replace("_", " "))) for c in classes]
-    label_of = named if names is not None and None not in named else list(range(len(classes)))
+    unmatched = [c for c, label in zip(classes, named, strict=True) if label is None]
+    if names is not None and 0 < len(unmatched) < len(classes):
+        raise ConfigError(
+            f"{root}: class folders {unmatched[:8]} match no name in data.classnames while "
+            f"{len(classes) - len(unmatched)} others do: rename them or fix the names (folders take "
+            "their label by name when all match, by sorted order when none does)"
+        )
+    label_of = named if names is not None and not unmatched else list(range(len(classes)))
     files, labels, split = [], [], []
     for part, top in tops.items():
         for label, folder in zip(label_of, classes, strict=True):
@@ -272,32 +280,46 @@ def _features(scorer: TrainedClassifier, data: LabelledImages, part: str, cfg: R
 
 
 def evaluate_own_data(cfg: RunConfig, name: str, device: torch.device) -> dict:
-    """Metrics (percent) of model `name` on the labelled images `cfg.data` names."""
+    """Metrics (percent) of model `name` on the labelled images `cfg.data` names: zero-shot on the test
+    split (`eval.split val`: on the validation split, to choose settings on), and on the test split the
+    linear probe (unless `eval.linear_probe false`) and, with captions, retrieval."""
+    ec = cfg.eval
+    if ec.protocol != "standard":
+        raise ConfigError(
+            f"eval.protocol {ec.protocol} scores the lab (base/novel classes, shifted test sets) or a paper "
+            "suite (--suite); on your own images only the standard evaluation runs"
+        )
     data = read_labelled(cfg)
     _check_files(data, cfg)
     scorer = TrainedClassifier(cfg, name, device)
     weights, note = scorer.weights(data.classnames, data.templates, by_position=True)
-    test, test_rows, skipped = _features(scorer, data, "test", cfg)
+    test, test_rows, skipped = _features(scorer, data, ec.split, cfg)
     if not len(test_rows):
-        raise ValueError(f"{data.where}: no readable test image ({len(skipped)} skipped, e.g. {skipped[:3]})")
+        raise ValueError(
+            f"{data.where}: no readable {ec.split} image ({len(skipped)} skipped, e.g. {skipped[:3]})"
+        )
     labels = torch.tensor(data.labels)
     zs = zeroshot_accuracy(scorer.class_features(test), labels[test_rows], weights)
     metrics: dict = {
         "params": scorer.params,
         "classifier": scorer.kind,
         "classes": len(data.classnames),
-        "test_images": len(test_rows),
+        f"{ec.split}_images": len(test_rows),
         "zeroshot_top1": zs["acc1"],
         "zeroshot_top5": zs["acc5"],
         "zeroshot_mean_per_class_recall": zs["mean_per_class_recall"],
     }
-    train, train_rows, bad_train = _features(scorer, data, "train", cfg)
-    val, val_rows, bad_val = _features(scorer, data, "val", cfg)
-    skipped += bad_train + bad_val
-    if len(train_rows) and len(val_rows):
-        probe = linear_probe(train, labels[train_rows], val, labels[val_rows], test, labels[test_rows])
-        metrics |= {"linear_probe_top1": probe["acc1"], "linear_probe_c": probe["best_c"]}
-        metrics["train_images"] = len(train_rows) + len(val_rows)
+    if ec.split != "test":
+        metrics["skipped_images"] = len(skipped)
+        return metrics | ({"note": note} if note else {})
+    if ec.linear_probe:
+        train, train_rows, bad_train = _features(scorer, data, "train", cfg)
+        val, val_rows, bad_val = _features(scorer, data, "val", cfg)
+        skipped += bad_train + bad_val
+        if len(train_rows) and len(val_rows):
+            probe = linear_probe(train, labels[train_rows], val, labels[val_rows], test, labels[test_rows])
+            metrics |= {"linear_probe_top1": probe["acc1"], "linear_probe_c": probe["best_c"]}
+            metrics["train_images"] = len(train_rows) + len(val_rows)
     if data.captions is not None and scorer.has_text_tower:
         k = cfg.eval.retrieval_size
         texts = scorer.encode_texts([data.captions[r] for r in test_rows[:k].tolist()])

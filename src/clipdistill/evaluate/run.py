@@ -161,10 +161,10 @@ def eval_stem(cfg: RunConfig) -> str:
     """The name of an evaluation's files in the model folder, after what it scored, so that one model's
     evaluations on other data never overwrite each other: `eval` (the lab's test split), `eval_val`
     (its validation split), `eval_low_contrast` (a lab target domain), `eval_<table or folder name>`
-    (your own labelled images)."""
-    if cfg.data.kind in OWN_DATA_KINDS:
-        return f"eval_{Path(cfg.data.path).resolve().stem}"
-    parts = ["eval", cfg.data.domain, "" if cfg.eval.split == "test" else cfg.eval.split]
+    (your own labelled images; `_val` after it for their validation split). Two tables of one file name
+    share a name."""
+    data = Path(cfg.data.path).resolve().stem if cfg.data.kind in OWN_DATA_KINDS else cfg.data.domain
+    parts = ["eval", data, "" if cfg.eval.split == "test" else cfg.eval.split]
     return "_".join(part for part in parts if part)
 
 
@@ -177,7 +177,7 @@ def run_eval(cfg: RunConfig) -> dict:
         start = time.time()
         metrics = evaluate_own_data(cfg, name, resolve_device(cfg.eval.device))
         metrics["eval_seconds"] = round(time.time() - start, 2)
-        where = cfg.data.path
+        where = cfg.data.path if cfg.eval.split == "test" else f"{cfg.data.path} ({cfg.eval.split} split)"
     else:
         metrics = evaluate_model(cfg, name)
         where = f"the {cfg.data.kind} {cfg.eval.split} split"
