@@ -184,5 +184,5 @@ def test_an_edited_table_is_new_data_and_a_moved_one_is_not(tmp_path, built):
     table.write_text("".join([*lines[:-1], lines[-1].replace(",a ", ",an old ")]))
     with pytest.raises(CacheMismatchError, match="data csv:sha256-"):
         run_embed(load_config(None, args))
-    with pytest.raises(ConfigError, match="is not a file"):
+    with pytest.raises(ConfigError, match="missing.csv' does not exist: give the CSV"):
         data_id(load_config(None, _args(run_dir, tmp_path / "missing.csv", "x")))

@@ -56,11 +56,18 @@ def data_id(cfg: RunConfig) -> str:
     return f"{d.kind}:{d.path or 'default'}:val{d.val_size}:train{d.train_size}"
 
 
-def table_digest(path: str) -> str:
-    """The first 16 hex digits of the sha256 of a table's bytes, hashed once per version of the file."""
+def table_file(path: str) -> Path:
+    """`data.path` of a table of pairs, refused in one line when it is missing or a folder."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"data.path {path!r} is not a file: give the CSV, TSV or Parquet table of pairs")
+        what = "is a folder" if file.is_dir() else "does not exist"
+        raise ConfigError(f"data.path {path!r} {what}: give the CSV, TSV or Parquet table of pairs")
+    return file
+
+
+def table_digest(path: str) -> str:
+    """The first 16 hex digits of the sha256 of a table's bytes, hashed once per version of the file."""
+    file = table_file(path)
     stat = file.stat()
     return _file_digest(file.resolve(), stat.st_size, stat.st_mtime_ns)
 

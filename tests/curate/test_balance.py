@@ -128,7 +128,7 @@ def test_keep_ratio_search_lands_within_tolerance(tmp_path: Path) -> None:
         assert abs(keep.mean() - target) <= 0.01
         np.testing.assert_array_equal(semantic_thin(emb, everything, cluster_of, tau), keep)
     half = np.arange(len(emb)) % 2 == 0
-    with pytest.raises(ValueError, match="earlier passes keep only 0.500"):
+    with pytest.raises(ValueError, match=r"perceptual pass are 0.500 of the data; raise --balance.tau_p"):
         search_tau_for_keep_ratio(emb, half, cluster_of, 0.6)
     with pytest.raises(ValueError, match="one row per cluster"):
         search_tau_for_keep_ratio(emb, everything, cluster_of, 0.001, tol=0.0001)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipdistill.config import DataConfig, ModelConfig
+from clipdistill.config import ConfigError, DataConfig, ModelConfig
 from clipdistill.data.sources import make_pair_source
 from clipdistill.models.factory import create_model
 from conftest import needs_lab
@@ -30,6 +30,15 @@ def test_unknown_kind_is_refused():
     loaded = create_model(ModelConfig(name="lab-student-tiny"))
     with pytest.raises(ValueError, match="unknown data.kind 'hdf5'"):
         make_pair_source(DataConfig(kind="hdf5"), loaded.tokenizer, loaded.preprocess)
+
+
+@pytest.mark.parametrize(("path", "what"), [("missing.csv", "does not exist"), (".", "is a folder")])
+def test_a_table_that_is_not_a_file_is_one_line(tmp_path, path, what):
+    """Before pyarrow's own message ("Failed to open local file", "Expected file path")."""
+    loaded = create_model(ModelConfig(name="lab-student-tiny"))
+    where = str(tmp_path / path)
+    with pytest.raises(ConfigError, match=f"data.path '{where}' {what}: give the CSV, TSV or Parquet table"):
+        make_pair_source(DataConfig(kind="csv", path=where), loaded.tokenizer, loaded.preprocess)
 
 
 def test_one_pass_normalised_tensor_equals_torchvision_to_tensor_then_normalize():

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import open_clip
 import pytest
@@ -100,11 +101,12 @@ def test_checkpoint_that_does_not_fit(tmp_path):
         create_model(ModelConfig(name="lab-student-tiny", pretrained=str(tmp_path / "gone.safetensors")))
 
 
-def test_pretrained_tag_without_network(monkeypatch):
+def test_pretrained_tag_without_network(monkeypatch, caplog):
     calls = []
 
     def offline(name, pretrained=None, **kwargs):
         calls.append((name, pretrained))
+        logging.error(f"Failed to download weights for tag '{pretrained}'")  # as open_clip does, then raises
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
     monkeypatch.setattr(open_clip, "create_model", offline)
@@ -113,6 +115,8 @@ def test_pretrained_tag_without_network(monkeypatch):
     message = str(info.value)
     assert calls == [("ViT-B-32", "laion2b_s34b_b79k")]
     assert "network" in message and "--teacher.pretrained" in message and "laion2b_s34b_b79k" in message
+    assert not caplog.records  # the error reaches the user once, in the exception's one line
+    assert logging.getLogger().isEnabledFor(logging.ERROR)  # and logging is back on
 
 
 def test_unknown_pretrained_tag_lists_the_known_tags(monkeypatch):

@@ -175,14 +175,18 @@ def search_tau_for_keep_ratio(
     lo, hi = -1.0, 1.0
     most, keep = ratio_at(hi)
     if most < target_ratio - tol:
-        raise ValueError(f"keep ratio {target_ratio:.3f} unreachable: earlier passes keep only {most:.3f}")
+        raise ValueError(
+            f"keep ratio {target_ratio:.3f} unreachable: the valid samples left by the perceptual pass are "
+            f"{most:.3f} of the data; raise --balance.tau_p (near-duplicates are closer than it) or lower "
+            "--balance.keep_ratio"
+        )
     if abs(most - target_ratio) <= tol:
         return hi, keep
     fewest, keep = ratio_at(lo)
     if fewest > target_ratio + tol:
         raise ValueError(
             f"keep ratio {target_ratio:.3f} unreachable: one row per cluster is already {fewest:.3f}; "
-            "use fewer clusters"
+            "use fewer clusters (--balance.n_clusters)"
         )
     for _ in range(max_steps):
         tau = (lo + hi) / 2

@@ -54,7 +54,8 @@ def _cache(cfg: RunConfig) -> TeacherCache:
     if not cache.valid.any():
         raise ValueError(
             f"the teacher cache at {cache.folder} has no valid sample ({len(cache)} skipped): "
-            f"see {cache.folder / 'report.json'}, fix the data and rerun `clipdistill embed`"
+            f"see {cache.folder / 'report.json'}, fix the data, delete {cache.folder} and rerun "
+            "`clipdistill embed`"
         )
     return cache
 

@@ -22,6 +22,7 @@ from clipdistill import distributed
 from clipdistill.config import DataConfig
 from clipdistill.data.lab import LabSplit, load_lab, to_pixels
 from clipdistill.models.factory import Preprocess
+from clipdistill.runs import table_file
 
 
 class ResizeCropNormalize:
@@ -117,7 +118,7 @@ class TablePairs(DatasetPairs):
         from clipdistill.data.pairs import PairsDataset
 
         dataset = PairsDataset(
-            cfg.path,
+            table_file(cfg.path),
             pil_transform(preprocess),
             image_key=cfg.image_key,
             caption_key=cfg.caption_key,

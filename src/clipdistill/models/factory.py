@@ -12,6 +12,7 @@ import copy
 import hashlib
 import importlib.util
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,7 @@ def _load_open_clip_pretrained(name: str, tag: str) -> nn.Module:
         raise ModelLoadError(
             f"{tag!r} is not a pretrained tag of open_clip {name!r} nor a file: its tags are {known}"
         )
+    logging.disable(logging.ERROR)  # open_clip logs the error it raises: the user reads it once, below
     try:
         return open_clip.create_model(name, pretrained=tag)
     except Exception as e:  # open_clip raises RuntimeError/OSError/HF errors for a missing download
@@ -297,6 +299,8 @@ def _load_open_clip_pretrained(name: str, tag: str) -> nn.Module:
             "downloaded and this machine has no network: fetch them elsewhere and pass the file with "
             f"--teacher.pretrained /path/to/{name}.safetensors"
         ) from e
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def load_weights(model: nn.Module, path: str, name: str) -> None:
