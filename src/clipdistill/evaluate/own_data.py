@@ -293,37 +293,36 @@ def evaluate_own_data(cfg: RunConfig, name: str, device: torch.device) -> dict:
     _check_files(data, cfg)
     scorer = TrainedClassifier(cfg, name, device)
     weights, note = scorer.weights(data.classnames, data.templates, by_position=True)
-    test, test_rows, skipped = _features(scorer, data, ec.split, cfg)
-    if not len(test_rows):
+    scored, scored_rows, skipped = _features(scorer, data, ec.split, cfg)
+    if not len(scored_rows):
         raise ValueError(
             f"{data.where}: no readable {ec.split} image ({len(skipped)} skipped, e.g. {skipped[:3]})"
         )
     labels = torch.tensor(data.labels)
-    zs = zeroshot_accuracy(scorer.class_features(test), labels[test_rows], weights)
+    zs = zeroshot_accuracy(scorer.class_features(scored), labels[scored_rows], weights)
     metrics: dict = {
         "params": scorer.params,
         "classifier": scorer.kind,
         "classes": len(data.classnames),
-        f"{ec.split}_images": len(test_rows),
+        f"{ec.split}_images": len(scored_rows),
         "zeroshot_top1": zs["acc1"],
         "zeroshot_top5": zs["acc5"],
         "zeroshot_mean_per_class_recall": zs["mean_per_class_recall"],
     }
-    if ec.split != "test":
-        metrics["skipped_images"] = len(skipped)
-        return metrics | ({"note": note} if note else {})
-    if ec.linear_probe:
+    on_test = ec.split == "test"  # the probe and retrieval score the test split only, as on the lab
+    if on_test and ec.linear_probe:
         train, train_rows, bad_train = _features(scorer, data, "train", cfg)
         val, val_rows, bad_val = _features(scorer, data, "val", cfg)
         skipped += bad_train + bad_val
         if len(train_rows) and len(val_rows):
-            probe = linear_probe(train, labels[train_rows], val, labels[val_rows], test, labels[test_rows])
+            fit = (train, labels[train_rows], val, labels[val_rows])
+            probe = linear_probe(*fit, scored, labels[scored_rows])
             metrics |= {"linear_probe_top1": probe["acc1"], "linear_probe_c": probe["best_c"]}
             metrics["train_images"] = len(train_rows) + len(val_rows)
-    if data.captions is not None and scorer.has_text_tower:
+    if on_test and data.captions is not None and scorer.has_text_tower:
         k = cfg.eval.retrieval_size
-        texts = scorer.encode_texts([data.captions[r] for r in test_rows[:k].tolist()])
-        retrieval = retrieval_recall(test[:k], texts, text_to_image=torch.arange(len(texts)))
+        texts = scorer.encode_texts([data.captions[r] for r in scored_rows[:k].tolist()])
+        retrieval = retrieval_recall(scored[:k], texts, text_to_image=torch.arange(len(texts)))
         for n in (1, 5, 10):
             metrics[f"retrieval_i2t_r{n}"] = retrieval[f"text_retrieval_recall@{n}"]
             metrics[f"retrieval_t2i_r{n}"] = retrieval[f"image_retrieval_recall@{n}"]
