@@ -167,6 +167,31 @@ def test_class_folders_are_matched_to_the_listed_names_by_name(tmp_path):
         read_labelled(load_config(None, _args(tmp_path, tmp_path / "d" / "images", *args)))
 
 
+def test_a_split_folder_tree_is_whole_or_refused(tmp_path):
+    write_table(tmp_path / "d", per_class=6)
+    images = tmp_path / "d" / "images"
+    for cls in sorted(p.name for p in images.iterdir()):  # 2 files each to train, val and test
+        thirds = np.split(np.array(sorted((images / cls).iterdir())), 3)
+        for part, files in zip(("train", "Val", "test"), thirds, strict=True):
+            (tmp_path / "tree" / part / cls).mkdir(parents=True)
+            for f in files:
+                f.rename(tmp_path / "tree" / part / cls / f.name)
+    folder = load_config(None, _args(tmp_path, tmp_path / "tree", "--data.kind", "folder"))
+    data = read_labelled(folder)
+    assert data.classnames == sorted(NAMES)
+    assert {part: int((data.split == part).sum()) for part in ("train", "val", "test")} == {
+        "train": 6, "val": 6, "test": 6}  # fmt: skip
+    assert all(f.parent.parent.name.lower() == s for f, s in zip(data.files, data.split, strict=True))
+    # without test/, "train" and "val" would be read as two classes of images
+    (tmp_path / "tree" / "test").rename(tmp_path / "held_out")
+    with pytest.raises(ConfigError, match=r"holds \['Val', 'train'\]; a split tree is train/ and test/"):
+        read_labelled(folder)
+    (tmp_path / "held_out").rename(tmp_path / "tree" / "test")
+    (tmp_path / "tree" / "extra_class").mkdir()  # beside the split folders: would be ignored
+    with pytest.raises(ConfigError, match="and nothing else"):
+        read_labelled(folder)
+
+
 def _save_run(folder, cfg, model):
     folder.mkdir(parents=True, exist_ok=True)
     save_state_dict(model.state_dict(), folder / "model.safetensors")

@@ -200,11 +200,22 @@ def seeded_split(n: int) -> np.ndarray:
 
 
 def _read_folder(root: Path, names: list[str] | None) -> LabelledImages:
-    """ROOT/<class>/... (a seeded split), or ROOT/train/<class>/... and ROOT/test/<class>/..."""
+    """ROOT/<class>/... (a seeded split), or ROOT/train/<class>/..., ROOT/test/<class>/... and
+    optionally ROOT/val/<class>/... (any name in SPLITS)."""
     if not root.is_dir():
         raise ConfigError(f"data.path {root} is not a folder (data.kind folder: one sub-folder per class)")
-    trees = {"train": root / "train", "test": root / "test"}
-    split_given = all(t.is_dir() for t in trees.values())
+    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    split_folders = [p for p in folders if p.name.lower() in SPLITS]
+    trees = {SPLITS[p.name.lower()]: p for p in split_folders}
+    split_given = bool(split_folders)
+    # a split tree that is not whole would otherwise be read as classes named "train", "val", ...
+    whole = {"train", "test"} <= trees.keys() and len(trees) == len(split_folders) == len(folders)
+    if split_given and not whole:
+        raise ConfigError(
+            f"{root}: holds {sorted(p.name for p in folders)[:8]}; a split tree is train/ and test/ "
+            "(val/ optional) and nothing else, each with one sub-folder per class; without one, a "
+            "sub-folder per class"
+        )
     tops = trees if split_given else {"all": root}
     classes = sorted(
         {p.name for top in tops.values() for p in top.iterdir() if p.is_dir() and not p.name.startswith(".")}
