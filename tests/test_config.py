@@ -244,3 +244,25 @@ def test_counts_below_one_are_refused_however_they_are_given(tmp_path, where, va
     with pytest.raises(ConfigError, match=message):
         replace(RunConfig(), {where: value})
     assert replace(RunConfig(), {where: 1}) is not None and load_config(None, [f"--{where}", "1"])
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "message"),
+    [
+        ("train.lr", "-1", "must be above 0, not -1.0"),
+        ("train.lr", "0", "must be above 0"),
+        ("cid.temperature", "nan", "must be above 0, not nan"),
+        ("cid.lambda_cd", "-0.5", "must be at least 0, not -0.5"),
+        ("distill.weight", "-2", "must be at least 0, not -2.0"),
+        ("embed.max_skip_fraction", "2", "is a fraction: at most 1, not 2.0"),
+        ("balance.keep_ratio", "1.2", "is a fraction: at most 1"),
+        ("comkd.base_fraction", "0", "must be above 0"),
+    ],
+)
+def test_settings_outside_their_range_are_refused_as_the_config_loads(where, value, message):
+    """A negative learning rate climbs the loss; a skip fraction of 2 lets `embed` skip every sample."""
+    with pytest.raises(ConfigError, match=f"{where} {message}".replace("(", r"\(")):
+        load_config(None, [f"--{where}", value])
+    with pytest.raises(ConfigError, match=f"{where} {message}".replace("(", r"\(")):
+        replace(RunConfig(), {where: float(value)})
+    assert load_config(None, ["--cid.lambda_cd", "0", "--embed.max_skip_fraction", "1"]).cid.lambda_cd == 0

@@ -250,5 +250,5 @@ def test_augment_crops_every_step_afresh_and_off_is_the_plain_run(pairs_config, 
 
     with pytest.raises(ConfigError, match="crops a run without a teacher cache"):
         train(pairs_config("--train.augment", "0.5", "--train.method", "fd", "--train.name", "fd"))
-    with pytest.raises(ConfigError, match="train.augment 1.5: the smallest crop area"):
+    with pytest.raises(ConfigError, match="train.augment is a fraction: at most 1, not 1.5"):
         train(pairs_config("--train.augment", "1.5", "--train.name", "big"))

@@ -26,8 +26,9 @@ class ConfigError(ValueError):
     """A config that cannot run: raised before any work is done."""
 
 
-# Counts that mean nothing below 1, refused as the config loads: 0 steps would "finish" an untrained
-# model, a batch of 0 would divide by zero mid-stage.
+# Settings that mean nothing outside a range, refused as the config loads: 0 steps would "finish" an
+# untrained model, a batch of 0 would divide by zero mid-stage, a negative learning rate climbs the loss,
+# and a fraction above 1 lets every sample be skipped.
 AT_LEAST_ONE = frozenset(
     {
         "train.steps",
@@ -46,6 +47,59 @@ AT_LEAST_ONE = frozenset(
         "lab.jobs",
     }
 )
+ABOVE_ZERO = frozenset(
+    {
+        "train.lr",
+        "lab.teacher_lr",
+        "cid.scale",
+        "cid.temperature",
+        "cid.sample_rate",
+        "comkd.temperature",
+        "comkd.logit_scale",
+        "comkd.attention_temperature",
+        "comkd.base_fraction",
+        "distill.crd_temperature",
+        "embed.view_min_scale",
+    }
+)
+AT_LEAST_ZERO = frozenset(
+    {
+        "train.weight_decay",
+        "train.grad_clip",
+        "cid.lambda_clip",
+        "cid.lambda_cd",
+        "cid.lambda_id",
+        "cid.lambda_rd",
+        "comkd.lambda_kd",
+        "comkd.lambda_align",
+        "distill.weight",
+        "distill.clip_weight",
+    }
+)
+AT_MOST_ONE = frozenset(
+    {
+        "train.augment",
+        "lab.teacher_augment",
+        "embed.max_skip_fraction",
+        "embed.view_min_scale",
+        "balance.keep_ratio",
+        "cid.sample_rate",
+        "comkd.base_fraction",
+    }
+)
+
+
+def _check_range(value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if where in AT_LEAST_ONE and not value >= 1:
+        raise ConfigError(f"{where} must be at least 1, not {value}")
+    if where in ABOVE_ZERO and not value > 0:
+        raise ConfigError(f"{where} must be above 0, not {value}")
+    if where in AT_LEAST_ZERO | AT_MOST_ONE and not value >= 0:  # `not >=` also refuses nan
+        raise ConfigError(f"{where} must be at least 0, not {value}")
+    if where in AT_MOST_ONE and not value <= 1:
+        raise ConfigError(f"{where} is a fraction: at most 1, not {value}")
 
 
 # The choices of a field, checked when the config loads (before any model loads).
@@ -380,8 +434,6 @@ def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
         except ValueError:
             pass
     if typ is int and isinstance(value, int) and not isinstance(value, bool):
-        if value < 1 and where in AT_LEAST_ONE:
-            raise ConfigError(f"{where} must be at least 1, not {value}")
         return value
     if typ is str and isinstance(value, str):
         return value
@@ -402,7 +454,9 @@ def _build(cls: type, values: dict, where: str, base: Any = None) -> Any:
     kwargs = {}
     for name, typ in types_.items():
         if name in values:
-            kwargs[name] = _coerce(values[name], typ, f"{where}.{name}".lstrip("."), getattr(base, name))
+            key = f"{where}.{name}".lstrip(".")
+            kwargs[name] = _coerce(values[name], typ, key, getattr(base, name))
+            _check_range(kwargs[name], key)
         else:
             kwargs[name] = getattr(base, name)
     return cls(**kwargs)
@@ -510,6 +564,7 @@ def replace(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
         if name not in types_:
             raise ConfigError(f"{key}: no such config key")
         setattr(parent, name, _coerce(value, types_[name], key, getattr(parent, name)))
+        _check_range(getattr(parent, name), key)
     return out
 
 

@@ -250,8 +250,6 @@ def open_run(cfg: RunConfig) -> Run:
             f"learning rate reaches {tc.steps / tc.warmup_steps:.0%} of train.lr (see --train.warmup_steps)",
             file=sys.stderr,
         )
-    if not 0.0 <= tc.augment <= 1.0:
-        raise ConfigError(f"train.augment {tc.augment}: the smallest crop area, in (0, 1]; 0 is off")
     if tc.augment > 0 and needs_teacher_cache(tc.method):
         raise ConfigError(
             f"train.augment crops a run without a teacher cache; {tc.method!r} reads one: give it views "
