@@ -2,6 +2,7 @@
 
 import pytest
 
+from clipdistill import cli
 from clipdistill.cli import main
 from clipdistill.config import ConfigError
 
@@ -62,3 +63,14 @@ def test_every_bench_group_is_a_choice_of_only():
     from clipdistill.lab.bench import GROUPS
 
     assert set(BENCH_GROUPS) == set(GROUPS)
+
+
+@pytest.mark.parametrize(("rank", "printed"), [(None, True), ("0", True), ("1", False)])
+def test_under_torchrun_only_rank_0_prints_the_result(monkeypatch, capsys, rank, printed):
+    monkeypatch.setattr(cli, "_run_in_run_dir", lambda stage, cfg, only: {"stage": stage})
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    assert main(["balance"]) == 0
+    assert (capsys.readouterr().out != "") == printed

@@ -16,6 +16,7 @@ from clipdistill.models.classifier import load_trained
 from clipdistill.predict import (
     OnnxBackend,
     TorchBackend,
+    build_parser,
     embed_images,
     expand_images,
     load_backend,
@@ -133,3 +134,11 @@ def test_onnx_backend_on_an_open_clip_export_is_refused(tmp_path):
     (tmp_path / "open_clip" / "open_clip_config.json").write_text("{}")
     with pytest.raises(ConfigError, match="is an open_clip export; --backend onnx runs an ONNX export"):
         load_backend(str(tmp_path / "open_clip"), "onnx", None, None)
+
+
+def test_options_take_the_stages_underscore_spelling_too():
+    """`--run_dir` is how every other stage spells it: predict must not refuse it."""
+    args = build_parser().parse_args(
+        ["predict", "a.png", "--model", "m", "--labels_file", "l.txt", "--run_dir", "r", "--batch_size", "3"]
+    )
+    assert (args.run_dir, args.batch_size, args.labels_file) == ("r", 3, "l.txt")

@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"clipdistill {args.stage}: {_one_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
-    print(json.dumps(result, indent=2, default=str))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the same result
+        print(json.dumps(result, indent=2, default=str))
     return 0
 
 

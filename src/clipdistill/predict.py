@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     labels = pred.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help='comma-separated class names, e.g. "cat,dog,bird"')
-    labels.add_argument("--labels-file", help="class names, one per line")
+    labels.add_argument("--labels-file", "--labels_file", help="class names, one per line")
     pred.add_argument("--format", choices=("json", "table"), default="json")
     emb = sub.add_parser("embed-images", help="embeddings of an image folder: OUT.npy + OUT.ids.txt")
     emb.add_argument("folder")
@@ -259,9 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (pred, emb):
         p.add_argument("--model", required=True, help="train folder name in the run dir, or an export folder")
         p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
-        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--batch-size", "--batch_size", type=int, default=64)
         p.add_argument("--config", help="YAML run config (for the run dir)")
-        p.add_argument("--run-dir", help="the run dir holding --model (default: the config's)")
+        p.add_argument("--run-dir", "--run_dir", help="the run dir holding --model (default: the config's)")
     return parser
 
 
