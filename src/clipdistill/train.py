@@ -50,7 +50,13 @@ from clipdistill.config import (
 from clipdistill.data.sampler import StepSampler
 from clipdistill.data.sources import ShardPairs, make_pair_source
 from clipdistill.data.views import apply_views, pick_views, step_views
-from clipdistill.distributed import DistInfo, all_reduce_mean, init_distributed, resolve_device
+from clipdistill.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_mean,
+    init_distributed,
+    resolve_device,
+)
 from clipdistill.methods import (
     method_lab_data_keys,
     method_sections,
@@ -400,7 +406,7 @@ def gradient_shares(task: Task, parts: dict[str, torch.Tensor]) -> dict[str, flo
 class StepResult(NamedTuple):
     parts: dict[str, float]  # the loss and its parts, averaged over the micro-batches
     lr: float  # the rate this step used
-    skipped: int  # unreadable samples the batches left out
+    skipped: list[str]  # ids of the unreadable samples the batches left out
 
 
 def train_step(trainer: Trainer, batches: Iterator[dict], step: int) -> StepResult:
@@ -408,11 +414,11 @@ def train_step(trainer: Trainer, batches: Iterator[dict], step: int) -> StepResu
     autocast (DDP syncs the last one), a stop on a NaN/inf loss, clipping, optimizer and schedule."""
     tc, model = trainer.tc, trainer.model
     parts_sum: dict[str, float] = {}
-    skipped = 0
+    skipped = []
     for micro in range(tc.accum_steps):
         batch = next(batches)
         check_batch(batch, step)
-        skipped += len(batch["skipped"])
+        skipped += [str(key) for _, key in batch["skipped"]]
         if trainer.world_size > 1:
             batch = equalize_batch(batch)
         batch = prepare_batch(batch, trainer.device, trainer.cache, step, tc.seed, tc.augment)
@@ -457,15 +463,16 @@ def build(cfg: RunConfig, run: Run) -> tuple[Trainer, object]:
     return trainer, source
 
 
-def restore(trainer: Trainer, state: dict | None) -> tuple[int, float]:
-    """Load a checkpoint's weights, optimizer, schedule and RNG; returns (its step, its seconds)."""
+def restore(trainer: Trainer, state: dict | None) -> tuple[int, float, list[str]]:
+    """Load a checkpoint's weights, optimizer, schedule and RNG; returns its step, its seconds and the
+    samples it skipped."""
     if state is None:
-        return 0, 0.0
+        return 0, 0.0, []
     trainer.task.load_state_dict(state["task"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
-    return state["step"], state["elapsed"]
+    return state["step"], state["elapsed"], state.get("skipped", [])
 
 
 def prepare_folder(run: Run, start_step: int) -> None:
@@ -498,14 +505,14 @@ def training_batches(run: Run, trainer: Trainer, source, start_step: int) -> tup
 class TrainLog:
     """The training clock, metrics.jsonl, TensorBoard and the progress bar (main process writes)."""
 
-    def __init__(self, run: Run, start_step: int, elapsed: float) -> None:
+    def __init__(self, run: Run, start_step: int, elapsed: float, skipped: list[str]) -> None:
         self.run, self.tc = run, run.cfg.train
         main = run.dist.is_main
         self.writer = _tensorboard(run.out) if self.tc.tensorboard and main else None
         self.metrics = open(run.out / "metrics.jsonl", "a") if main else None
         self.progress = tqdm(total=self.tc.steps, initial=start_step, desc=f"train {run.out.name}",
                              unit="step", disable=not main, dynamic_ncols=True)  # fmt: skip
-        self.elapsed, self.tick, self.skipped = elapsed, time.time(), 0
+        self.elapsed, self.tick, self.skipped = elapsed, time.time(), set(skipped)
 
     def lap(self) -> float:
         """Training seconds so far (a resumed run counts its earlier ones)."""
@@ -515,7 +522,7 @@ class TrainLog:
         return self.elapsed
 
     def step(self, done_steps: int, result: StepResult) -> None:
-        self.skipped += result.skipped
+        self.skipped.update(result.skipped)
         if is_log_step(self.tc, done_steps):
             record = {k: float(all_reduce_mean(torch.tensor(v))) for k, v in result.parts.items()}
             record |= {"step": done_steps, "lr": result.lr, "elapsed": round(self.lap(), 2)}
@@ -528,13 +535,17 @@ class TrainLog:
             self.progress.set_postfix(loss=f"{record['loss']:.3f}")
         self.progress.update(1)
 
+    def skipped_on_any_rank(self) -> list[str]:
+        """Every sample skipped so far, once each however many epochs met it (a collective)."""
+        return sorted(set().union(*all_gather_objects(sorted(self.skipped))))
+
     def close(self) -> None:
         self.progress.close()
         if self.metrics is not None:
             self.metrics.close()
 
 
-def save_checkpoint(run: Run, trainer: Trainer, done_steps: int, elapsed: float) -> None:
+def save_checkpoint(run: Run, trainer: Trainer, done_steps: int, elapsed: float, skipped: list[str]) -> None:
     if run.dist.is_main:
         state = {
             "task": trainer.task.state_dict(),
@@ -543,6 +554,7 @@ def save_checkpoint(run: Run, trainer: Trainer, done_steps: int, elapsed: float)
             "rng": _rng_state(),
             "step": done_steps,
             "elapsed": elapsed,
+            "skipped": skipped,
             "fingerprint": run.fingerprint,
             "config": to_dict(run.cfg),
         }
@@ -557,7 +569,7 @@ def finish(run: Run, trainer: Trainer, log: TrainLog, pool_size: int) -> dict:
         "steps": run.cfg.train.steps,
         "train_seconds": round(log.elapsed, 2),
         "world_size": run.dist.world_size,
-        "skipped_samples": log.skipped,
+        "skipped_samples": len(log.skipped_on_any_rank()),
         "train_samples": int(pool_size),
     }
     if run.dist.is_main:
@@ -576,14 +588,14 @@ def train(cfg: RunConfig) -> dict:
         trainer, source = build(cfg, run)
         # the data before the checkpoint's RNG: a stream's loader draws its workers' seed when it starts
         batches, pool_size = training_batches(run, trainer, source, run.state["step"] if run.state else 0)
-        start_step, elapsed = restore(trainer, run.state)
+        start_step, elapsed, skipped = restore(trainer, run.state)
         prepare_folder(run, start_step)
-        log = TrainLog(run, start_step, elapsed)
+        log = TrainLog(run, start_step, elapsed, skipped)
         trainer.task.train()
         for step in range(start_step, cfg.train.steps):
             log.step(step + 1, train_step(trainer, batches, step))
             if (step + 1) % cfg.train.ckpt_every == 0 or step + 1 == cfg.train.steps:
-                save_checkpoint(run, trainer, step + 1, log.lap())
+                save_checkpoint(run, trainer, step + 1, log.lap(), log.skipped_on_any_rank())
         return finish(run, trainer, log, pool_size)
 
 

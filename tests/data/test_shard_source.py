@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from clipdistill.cache import TeacherCache
+from clipdistill.checkpoint import safe_torch_load
 from clipdistill.config import load_config
 from clipdistill.embed import run_embed
 from clipdistill.train import train
@@ -60,10 +61,12 @@ def test_embed_streams_shards_in_order_and_counts_the_bad_sample(tmp_path, shard
 
 
 def test_train_streams_webdataset_and_resumes_past_the_end_of_an_epoch(tmp_path, shards):
-    cfg = _cfg(tmp_path, shards, "--train.steps", "7", "--train.batch_size", "8", "--train.log_every", "1")
+    cfg = _cfg(tmp_path, shards, "--train.steps", "13", "--train.batch_size", "8", "--train.log_every", "1")
     result = train(cfg)
-    assert result["steps"] == 7
-    assert result["skipped_samples"] >= 1  # the text file named .png, met in the first epoch
+    assert result["steps"] == 13  # 104 draws of 47 samples: into a third epoch
+    assert result["skipped_samples"] == 1  # the text file named .png, counted once though met in 3 epochs
+    state = safe_torch_load(tmp_path / "run" / "clip" / "checkpoint.pt")
+    assert len(state["skipped"]) == 1  # what a resumed run starts its count from
     assert (tmp_path / "run" / "clip" / "model.safetensors").is_file()
 
 
