@@ -40,6 +40,18 @@ def test_balance_hits_keep_ratio_and_is_reused(tiny_cache, tmp_path):
     assert (folder / "kept.npy").stat().st_mtime_ns == stamp
 
 
+def test_keep_ratio_is_a_share_of_the_valid_samples(tiny_cache, tmp_path):
+    """Skipped samples never train: a quarter of them skipped must not lower what keep_ratio keeps."""
+    cfg = stage_config(tiny_cache, tmp_path / "run", "--balance.keep_ratio", "0.5")
+    valid = np.ones(256, dtype=bool)
+    valid[::4] = False
+    np.save(tmp_path / "run" / "cache" / "valid.npy", valid)
+    report = run_balance(cfg)
+    kept = np.load(tmp_path / "run" / "balance" / "kept.npy")
+    assert valid[kept].all() and report["valid_samples"] == 192
+    assert abs(len(kept) / 192 - 0.5) <= 0.01 and report["kept_ratio"] == len(kept) / 192
+
+
 def test_cluster_labels_cover_the_subset(tiny_cache, tmp_path):
     cfg = stage_config(tiny_cache, tmp_path / "run", "--balance.keep_ratio", "0.5")
     run_balance(cfg)

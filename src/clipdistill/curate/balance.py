@@ -160,13 +160,15 @@ def search_tau_for_keep_ratio(
     target_ratio: float,
     tol: float = 0.01,
     max_steps: int = 30,
+    total: int | None = None,
 ) -> tuple[float, np.ndarray]:
-    """Bisect `tau_s` until the kept fraction of all N rows is within `tol` of `target_ratio`.
+    """Bisect `tau_s` until the kept fraction of `total` rows (the valid ones; default all N) is within
+    `tol` of `target_ratio`.
 
     Reuses `cluster_of`. Raises ValueError when the target is out of reach: above what the
     perceptual pass left, or below one row per cluster.
     """
-    n = len(keep_mask)
+    n = len(keep_mask) if total is None else total
 
     def ratio_at(tau: float) -> tuple[float, np.ndarray]:
         keep = semantic_thin(embeddings, keep_mask, cluster_of, tau)

@@ -92,7 +92,9 @@ def run_balance(cfg: RunConfig) -> dict:
         )
         tau = bc.tau_s
         if bc.keep_ratio > 0:
-            tau, kept_mask = search_tau_for_keep_ratio(images, after_perceptual, cluster_of, bc.keep_ratio)
+            tau, kept_mask = search_tau_for_keep_ratio(
+                images, after_perceptual, cluster_of, bc.keep_ratio, total=int(valid.sum())
+            )
         kept = np.flatnonzero(kept_mask).astype(np.int64)
         rng = np.random.default_rng(bc.seed)
         random = np.sort(rng.choice(np.flatnonzero(valid), size=len(kept), replace=False)).astype(np.int64)
@@ -109,7 +111,7 @@ def run_balance(cfg: RunConfig) -> dict:
             "removed_perceptual": int(valid.sum() - after_perceptual.sum()),
             "removed_semantic": int(after_perceptual.sum() - kept_mask.sum()),
             "kept": len(kept),
-            "kept_ratio": len(kept) / len(cache),
+            "kept_ratio": len(kept) / int(valid.sum()),  # of the valid samples, as balance.keep_ratio
             "tau_s": float(tau),
         }
         write_json(folder / "report.json", report)
