@@ -249,8 +249,7 @@ def test_counts_below_one_are_refused_however_they_are_given(tmp_path, where, va
 @pytest.mark.parametrize(
     ("where", "value", "message"),
     [
-        ("train.lr", "-1", "must be above 0, not -1.0"),
-        ("train.lr", "0", "must be above 0"),
+        ("train.lr", "-1", "must be at least 0, not -1.0"),
         ("cid.temperature", "nan", "must be above 0, not nan"),
         ("cid.lambda_cd", "-0.5", "must be at least 0, not -0.5"),
         ("distill.weight", "-2", "must be at least 0, not -2.0"),

@@ -49,8 +49,6 @@ AT_LEAST_ONE = frozenset(
 )
 ABOVE_ZERO = frozenset(
     {
-        "train.lr",
-        "lab.teacher_lr",
         "cid.scale",
         "cid.temperature",
         "cid.sample_rate",
@@ -64,6 +62,8 @@ ABOVE_ZERO = frozenset(
 )
 AT_LEAST_ZERO = frozenset(
     {
+        "train.lr",  # 0 saves the model as it starts (a baseline to score)
+        "lab.teacher_lr",
         "train.weight_decay",
         "train.grad_clip",
         "cid.lambda_clip",
