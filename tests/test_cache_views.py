@@ -133,9 +133,8 @@ def test_other_view_settings_are_refused_and_bad_ones_stop_before_work(setup, vi
         run_embed(load_config(None, _args(setup, cfg.run_dir, *other_seed)))
     with pytest.raises(ConfigError, match="embed.views must be at least 1"):
         run_embed(load_config(None, _args(setup, setup[0] / "bad", "--embed.views", "0")))
-    with pytest.raises(ConfigError, match="embed.view_min_scale must be in"):
-        run_embed(load_config(None, _args(setup, setup[0] / "bad", "--embed.views", "2",
-                                          "--embed.view_min_scale", "0")))  # fmt: skip
+    with pytest.raises(ConfigError, match="embed.view_min_scale must be above 0, not 0.0"):
+        load_config(None, _args(setup, setup[0] / "bad", "--embed.views", "2", "--embed.view_min_scale", "0"))
     assert not (setup[0] / "bad").exists()
 
 

@@ -148,8 +148,6 @@ def ensemble_members(cfg: RunConfig) -> list[Path]:
 def view_settings(cfg: RunConfig) -> dict | None:
     """What a reinforced cache's views depend on (None for the plain one-view cache)."""
     e = cfg.embed
-    if not 0.0 < e.view_min_scale <= 1.0:
-        raise ConfigError(f"embed.view_min_scale must be in (0, 1], not {e.view_min_scale}")
     if e.views == 1:
         return None
     return {"views": e.views, "seed": e.view_seed, "min_scale": e.view_min_scale, "ratio": list(RATIO)}
