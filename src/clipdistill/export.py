@@ -3,7 +3,8 @@
 `export/open_clip/` loads with `open_clip.create_model("local-dir:<folder>")` (weights, config and
 tokenizer files in one folder); `export/onnx/` holds image and text encoders for onnxruntime, the
 preprocessing they expect, and for ComKD students the head and the class-text bank they classify with,
-with the bank's class names.
+with the bank's class names. open_clip's format has no place for that head, so a ComKD student ships
+as ONNX only.
 """
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ def refuse_prompted_student(folder: Path, head: ComkdHead | None) -> None:
 
 
 def run_export(cfg: RunConfig) -> dict:
-    """Export `cfg.export.model` of the run dir in `cfg.export.format`."""
+    """Export `cfg.export.model` of the run dir in `cfg.export.format`; `all` is every format that holds
+    the model, which for a ComKD student is ONNX alone (the result's note says so)."""
     fmt = cfg.export.format
     if fmt in ("onnx", "all") and find_spec("onnx") is None:  # torch's exporter imports it at the end
         raise ConfigError(
@@ -199,11 +201,18 @@ def run_export(cfg: RunConfig) -> dict:
     name = model_name(cfg, cfg.export.model)
     loaded = load_trained(cfg, name)
     head = load_head(model_dir(cfg, name)) if name != "teacher" else None
+    if head is not None and fmt == "open_clip":
+        raise ConfigError(
+            f"{name} is a ComKD student: it classifies through its head and the teacher's text bank, which "
+            "open_clip's format cannot hold; --format onnx exports them (head.onnx, text_bank.npy)"
+        )
     refuse_prompted_student(model_dir(cfg, name), head)
     out = model_dir(cfg, name) / "export"
     result: dict = {"model": name}
-    if fmt in ("open_clip", "all"):
+    if fmt in ("open_clip", "all") and head is None:
         result["open_clip"] = str(export_open_clip(loaded, out / "open_clip"))
+    elif fmt == "all":
+        result["note"] = "no open_clip export: open_clip's format cannot hold a ComKD student's head"
     if fmt in ("onnx", "all"):
         classnames = head_classnames(model_dir(cfg, name)) if head is not None else None
         result["onnx"] = str(export_onnx(loaded, out / "onnx", head, classnames, cfg.export.opset))
