@@ -180,6 +180,12 @@ def build_comkd(cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) ->
         )
     teacher_images = None
     features = prompt_teacher_folder(cfg) / IMAGE_FEATURES
+    if features.is_file() and cache is not None and cache.meta.views > 1:
+        raise ConfigError(
+            f"stage 1 learned visual prompts, so stage 2's targets are its features of the plain images "
+            f"({features}), while a cache of embed.views {cache.meta.views} crops the student's: train "
+            "stage 2 without --embed.views, or stage 1 without visual prompts"
+        )
     if features.is_file():
         teacher_images = torch.from_numpy(np.load(features, allow_pickle=False))
         if cache is not None and len(teacher_images) != len(cache):
