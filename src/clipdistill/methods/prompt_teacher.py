@@ -24,7 +24,7 @@ from clipdistill.cache import TeacherCache
 from clipdistill.checkpoint import atomic_write, save_npy
 from clipdistill.config import ComkdConfig, ConfigError, RunConfig
 from clipdistill.data.sources import make_pair_source
-from clipdistill.methods.comkd import COMKD_MODULE_KEYS
+from clipdistill.methods.comkd import COMKD_MODULE_KEYS, refuse_ensemble_cache
 from clipdistill.methods.labelled import labelled_train
 from clipdistill.methods.task import CacheUse, Task
 from clipdistill.models.factory import build_tokenizer, load_model_config, preprocess_for
@@ -164,6 +164,7 @@ class PromptTeacherTask(Task):
 def build_prompt_teacher(cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> PromptTeacherTask:
     if cfg.train.role != "teacher":
         raise ConfigError("train.method prompt_teacher tunes the teacher's prompts: set --train.role teacher")
+    refuse_ensemble_cache(cache)
     train = labelled_train(cfg)
     config = load_model_config(cfg.teacher.name)
     tokenizer = build_tokenizer(config)
