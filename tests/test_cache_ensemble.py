@@ -3,6 +3,7 @@ alone, and readers get the teachers side by side, scaled so that every dot produ
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from clipdistill.checkpoint import save_state_dict
 from clipdistill.config import ConfigError, ModelConfig, load_config
 from clipdistill.embed import run_embed
 from clipdistill.models.factory import create_model
-from clipdistill.runs import cache_dir
+from clipdistill.runs import cache_dir, model_dir
 from clipdistill.train import train
 from conftest import pairs_overrides, write_pairs
 
@@ -108,6 +109,26 @@ def test_an_ensemble_of_views_and_training_on_it(setup, caches):
     assert train(cfg)["steps"] == 4
 
 
+def test_comkd_on_an_ensemble_says_it_distils_one_prompt_tuned_teacher(setup, caches):
+    """Not a shape error at the first step (stage 1) nor a width mismatch (stage 2): what to do."""
+    _, both, _ = caches
+    _, _, (w0, w1) = setup
+    ensemble = ("--embed.ensemble", json.dumps([w1]))
+    stage1 = _cfg(
+        setup, "comkd", w0, *ensemble, "--train.role", "teacher", "--train.method", "prompt_teacher"
+    )
+    shutil.copytree(cache_dir(both), cache_dir(stage1))
+    refusal = (
+        "one prompt-tuned teacher.* ensemble of 2 teachers .* stage 1 and stage 2 without --embed.ensemble"
+    )
+    with pytest.raises(ConfigError, match=refusal):
+        train(stage1)
+    model_dir(stage1, "prompt_teacher").mkdir()
+    np.save(model_dir(stage1, "prompt_teacher") / "text_bank.npy", np.eye(5, 32, dtype=np.float32))
+    with pytest.raises(ConfigError, match=refusal):
+        train(_cfg(setup, "comkd", w0, *ensemble, "--train.method", "comkd"))
+
+
 def test_missing_or_replaced_teachers_are_refused(setup, caches, tmp_path):
     _, _, (w0, _) = setup
     with pytest.raises(ConfigError, match="embed.ensemble: no teacher weights at"):
@@ -115,8 +136,6 @@ def test_missing_or_replaced_teachers_are_refused(setup, caches, tmp_path):
             _cfg(setup, "none", w0, "--embed.ensemble", json.dumps([str(tmp_path / "gone.safetensors")]))
         )
     _, both, _ = caches
-    import shutil
-
     shutil.copytree(cache_dir(both), tmp_path / "copy")
     shutil.rmtree(tmp_path / "copy" / "teacher1")
     shutil.copytree(cache_dir(caches[0][0]), tmp_path / "copy" / "teacher1")  # teacher 0 in teacher 1's place

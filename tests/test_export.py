@@ -106,6 +106,21 @@ def test_comkd_head_and_bank_exported(tiny_config, eduattention):
     assert json.loads((folder / "preprocess.json").read_text())["head"]["classes"] == 5
 
 
+def test_comkd_student_ships_as_onnx_only(tiny_config):
+    """open_clip's format would keep the image tower and drop the head: such an export classifies
+    nothing right, so it is refused, and `all` writes the ONNX export alone."""
+    cfg = tiny_config("--export.model", "kd")
+    fake_run(cfg, "kd", method="comkd")
+    cfg.export.format = "open_clip"
+    with pytest.raises(ConfigError, match="kd is a ComKD student: .* --format onnx exports them"):
+        run_export(cfg)
+    cfg.export.format = "all"
+    result = run_export(cfg)
+    assert "open_clip" not in result and "cannot hold a ComKD student's head" in result["note"]
+    assert not (Path(cfg.run_dir) / "kd" / "export" / "open_clip").exists()
+    assert (Path(result["onnx"]) / "head.onnx").is_file()
+
+
 NO_TORCH = """
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError

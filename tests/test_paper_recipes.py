@@ -88,7 +88,7 @@ def build(
         np.save(run_dir / cfg.comkd.prompt_teacher / "text_bank.npy", bank)
     create_teacher(cfg.teacher)  # the teacher only fills the cache: built, frozen, never trained here
     student = create_student(cfg.student)
-    cache = StandInCache(meta=SimpleNamespace(image_dim=DIM, text_dim=DIM))
+    cache = StandInCache(meta=SimpleNamespace(image_dim=DIM, text_dim=DIM, views=1, ensemble=[]))
     task = build_task(cfg, student.model, cache)
     return cfg, task, make_optimizer(task, cfg.train)
 

@@ -27,6 +27,7 @@ from conftest import run_cli
 from test_export import fake_run
 
 LABELS = ["cat", "dog", "ankle boot"]
+BANK = ["cat", "dog", "sun", "car", "tree"]  # the classes of the fake ComKD student's text bank
 
 
 @pytest.fixture
@@ -81,14 +82,47 @@ def test_torch_and_onnx_agree_and_skip_bad_files(run, images, tmp_path):
 
 def test_comkd_predict_uses_head_and_bank(tiny_config, images, tmp_path):
     cfg = tiny_config()
-    fake_run(cfg, "kd", method="comkd")
+    fake_run(cfg, "kd", method="comkd")  # no stage-1 folder: the bank's class names are unknown
     backend = load_backend("kd", "onnx", None, cfg.run_dir)
     assert backend.bank is not None and backend.bank.shape == (5, 24)
     files = expand_images([str(images)])
     result = predict(backend, files, list("abcde"))
     assert len(result["predictions"]) == 5
-    with pytest.raises(ValueError, match="5 classes"):
+    with pytest.raises(ConfigError, match="text bank has 5 classes but its names"):
         predict(backend, files, LABELS)
+    spec_path = Path(cfg.run_dir) / "kd" / "export" / "onnx" / "preprocess.json"
+    spec = json.loads(spec_path.read_text())
+    assert spec["head"]["classnames"] is None
+    del spec["head"]["classnames"]  # an export made before the names were stored
+    spec_path.write_text(json.dumps(spec))
+    with pytest.raises(ConfigError, match="without its class names .*: export it again"):
+        load_backend("kd", "onnx", None, cfg.run_dir)
+
+
+def test_comkd_onnx_looks_labels_up_by_name_as_torch_does(tiny_config, images):
+    """The bank's class names travel with the ONNX export: labels in another order, or a subset of
+    them, score the same on both backends, and a label the bank lacks is refused the same way."""
+    cfg = tiny_config()
+    fake_run(cfg, "kd", method="comkd")
+    stage1 = Path(cfg.run_dir) / "prompt_teacher"
+    stage1.mkdir()
+    (stage1 / "split.json").write_text(json.dumps({"classnames": BANK, "base": [0, 1], "novel": [2, 3, 4]}))
+    files = expand_images([str(images)])
+    torch_backend, onnx_backend = (load_backend("kd", b, None, cfg.run_dir) for b in ("torch", "onnx"))
+    for labels in (BANK[::-1], ["sun", "dog", "cat"]):
+        by_torch, by_onnx = predict(torch_backend, files, labels), predict(onnx_backend, files, labels)
+        assert "note" not in by_torch and "note" not in by_onnx
+        for a, b in zip(by_torch["predictions"], by_onnx["predictions"], strict=True):
+            assert a["label"] == b["label"] and max(abs(a["probs"][k] - b["probs"][k]) for k in labels) < 1e-3
+    forward = predict(torch_backend, files, BANK)["predictions"]
+    backward = predict(onnx_backend, files, BANK[::-1])["predictions"]
+    assert [r["label"] for r in forward] == [r["label"] for r in backward]  # not by position
+    errors = []
+    for backend in (torch_backend, onnx_backend):
+        with pytest.raises(ConfigError, match="1 classes are not in the model's text bank") as e:
+            predict(backend, files, ["cat", "dog", "zebra"])
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
 
 
 def test_embed_images(run, images, tmp_path):

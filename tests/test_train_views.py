@@ -8,12 +8,13 @@ from safetensors.torch import load_file, save_file
 
 from clipdistill import train as train_module
 from clipdistill.cache import TeacherCache
-from clipdistill.config import ModelConfig
+from clipdistill.config import ConfigError, ModelConfig
 from clipdistill.data.sources import make_pair_source
 from clipdistill.data.views import apply_views, pick_views
 from clipdistill.embed import run_embed
+from clipdistill.methods.comkd import ComkdTask
 from clipdistill.models.factory import create_model, create_student, create_teacher
-from clipdistill.runs import cache_dir, output_dir
+from clipdistill.runs import cache_dir, model_dir, output_dir
 from clipdistill.train import prepare_batch, train
 
 VIEWS = ("--embed.views", "3", "--embed.view_min_scale", "0.4")
@@ -107,3 +108,32 @@ def test_a_resumed_views_run_equals_an_uninterrupted_one(
     train(plain)
     other = load_file(output_dir(plain) / "model.safetensors")
     assert any(not torch.equal(other[key], value) for key, value in whole.items())
+
+
+def test_comkd_distils_each_view_but_refuses_a_prompted_teachers_plain_features(
+    views_cache, pairs_config, teacher, monkeypatch
+):
+    """ComKD's targets are the batch's cached rows, the views' own; stage 1 with visual prompts replaces
+    them by its features of the plain images (image_features.npy), which no crop matches."""
+    cfg = pairs_config(*VIEWS, *teacher, "--train.method", "comkd", "--train.steps", "1")
+    stage1 = model_dir(cfg, "prompt_teacher")
+    stage1.mkdir()
+    np.save(stage1 / "text_bank.npy", torch.nn.functional.normalize(torch.randn(5, 32), dim=-1).numpy())
+    seen = []
+    forward = ComkdTask.forward
+    monkeypatch.setattr(ComkdTask, "forward", lambda task, batch: seen.append(batch) or forward(task, batch))
+    train(cfg)
+    rows = seen[0]["cache_row"].numpy()
+    view = pick_views(cfg.train.seed, 0, rows, 3)
+    assert (view > 0).any()
+    target, _, _ = TeacherCache(cache_dir(cfg)).view_rows(rows, view)
+    assert torch.equal(seen[0]["teacher_image"], target)
+
+    cache = TeacherCache(cache_dir(cfg))
+    np.save(stage1 / "image_features.npy", cache.rows(np.arange(len(cache)))[0].numpy())
+    cfg.train.name = "prompted"
+    with pytest.raises(
+        ConfigError, match="features of the plain images .*image_features.npy.* embed.views 3 crops"
+    ):
+        train(cfg)
+    assert not (output_dir(cfg) / "metrics.jsonl").exists()

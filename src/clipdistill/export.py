@@ -2,7 +2,9 @@
 
 `export/open_clip/` loads with `open_clip.create_model("local-dir:<folder>")` (weights, config and
 tokenizer files in one folder); `export/onnx/` holds image and text encoders for onnxruntime, the
-preprocessing they expect, and for ComKD students the head and the class-text bank they classify with.
+preprocessing they expect, and for ComKD students the head and the class-text bank they classify with,
+with the bank's class names. open_clip's format has no place for that head, so a ComKD student ships
+as ONNX only.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 
 from clipdistill.checkpoint import atomic_write, load_state_dict, save_npy, save_state_dict, write_json
 from clipdistill.config import ConfigError, RunConfig
-from clipdistill.models.classifier import load_trained
+from clipdistill.models.classifier import head_classnames, load_trained
 from clipdistill.models.factory import LoadedModel, _resolve_hf_names
 from clipdistill.models.heads import ComkdHead, load_head
 from clipdistill.runs import model_dir, model_name, sweep_temps
@@ -132,9 +134,17 @@ def export_image_encoder(model: nn.Module, image_size: int, path: Path, opset: i
     return path
 
 
-def export_onnx(loaded: LoadedModel, folder: Path, head: ComkdHead | None = None, opset: int = 17) -> Path:
-    """image_encoder.onnx, text_encoder.onnx, preprocess.json; head.onnx + text_bank.npy for ComKD.
-    preprocess.json is written last and removed first: without it the folder is an unfinished export."""
+def export_onnx(
+    loaded: LoadedModel,
+    folder: Path,
+    head: ComkdHead | None = None,
+    classnames: list[str] | None = None,
+    opset: int = 17,
+) -> Path:
+    """image_encoder.onnx, text_encoder.onnx, preprocess.json; head.onnx + text_bank.npy for ComKD, and
+    in preprocess.json the bank's `classnames` (null when unknown), so labels are looked up by name as
+    the PyTorch model does. preprocess.json is written last and removed first: without it the folder is
+    an unfinished export."""
     _start(folder, "preprocess.json")
     model = loaded.model.cpu().eval()
     size = loaded.preprocess.image_size
@@ -162,7 +172,11 @@ def export_onnx(loaded: LoadedModel, folder: Path, head: ComkdHead | None = None
         )
         bank = head.text_bank.float().numpy()
         save_npy(folder / "text_bank.npy", bank)
-        spec["head"] = {"logit_scale": float(head.logit_scale), "classes": int(bank.shape[0])}
+        spec["head"] = {
+            "logit_scale": float(head.logit_scale),
+            "classes": int(bank.shape[0]),
+            "classnames": classnames,
+        }
     write_json(folder / "preprocess.json", spec)
     return folder
 
@@ -177,7 +191,8 @@ def refuse_prompted_student(folder: Path, head: ComkdHead | None) -> None:
 
 
 def run_export(cfg: RunConfig) -> dict:
-    """Export `cfg.export.model` of the run dir in `cfg.export.format`."""
+    """Export `cfg.export.model` of the run dir in `cfg.export.format`; `all` is every format that holds
+    the model, which for a ComKD student is ONNX alone (the result's note says so)."""
     fmt = cfg.export.format
     if fmt in ("onnx", "all") and find_spec("onnx") is None:  # torch's exporter imports it at the end
         raise ConfigError(
@@ -186,11 +201,19 @@ def run_export(cfg: RunConfig) -> dict:
     name = model_name(cfg, cfg.export.model)
     loaded = load_trained(cfg, name)
     head = load_head(model_dir(cfg, name)) if name != "teacher" else None
+    if head is not None and fmt == "open_clip":
+        raise ConfigError(
+            f"{name} is a ComKD student: it classifies through its head and the teacher's text bank, which "
+            "open_clip's format cannot hold; --format onnx exports them (head.onnx, text_bank.npy)"
+        )
     refuse_prompted_student(model_dir(cfg, name), head)
     out = model_dir(cfg, name) / "export"
     result: dict = {"model": name}
-    if fmt in ("open_clip", "all"):
+    if fmt in ("open_clip", "all") and head is None:
         result["open_clip"] = str(export_open_clip(loaded, out / "open_clip"))
+    elif fmt == "all":
+        result["note"] = "no open_clip export: open_clip's format cannot hold a ComKD student's head"
     if fmt in ("onnx", "all"):
-        result["onnx"] = str(export_onnx(loaded, out / "onnx", head, cfg.export.opset))
+        classnames = head_classnames(model_dir(cfg, name)) if head is not None else None
+        result["onnx"] = str(export_onnx(loaded, out / "onnx", head, classnames, cfg.export.opset))
     return result

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clipdistill.checkpoint import atomic_write
-from clipdistill.config import ConfigError, ModelConfig, load_config
+from clipdistill.config import ConfigError, ModelConfig, load_config, replace
 from clipdistill.data.images import BadSample, decode_image
 from clipdistill.data.sources import pil_transform
-from clipdistill.models.classifier import TrainedClassifier, load_trained
+from clipdistill.models.classifier import TrainedClassifier, bank_weights
 from clipdistill.models.factory import (
     LoadedModel,
     ModelLoadError,
@@ -29,7 +29,6 @@ from clipdistill.models.factory import (
     build_tokenizer,
     create_teacher,
 )
-from clipdistill.models.heads import ComkdHead, load_head
 from clipdistill.runs import model_dir
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -37,39 +36,55 @@ TEMPLATE = "a photo of a {}."
 
 
 class TorchBackend:
-    """A trained model (and ComKD head) in PyTorch, on the CPU; from a run folder, its classifier
-    (`TrainedClassifier`: zero-shot, a prompt-tuned text bank or a ComKD head) picks the classes."""
+    """A trained model in PyTorch, on the CPU; from a run folder, its classifier (`TrainedClassifier`:
+    zero-shot, a prompt-tuned text bank or a ComKD head) picks the classes."""
 
-    def __init__(
-        self, loaded: LoadedModel, head: ComkdHead | None = None, scorer: TrainedClassifier | None = None
-    ) -> None:
-        self.loaded, self.head, self.scorer = loaded, head, scorer
+    def __init__(self, loaded: LoadedModel, scorer: TrainedClassifier | None = None) -> None:
+        self.loaded, self.scorer = loaded, scorer
+        self.head = scorer.head if scorer is not None else None
         self.preprocess = loaded.preprocess
         self.logit_scale = float(loaded.model.logit_scale.exp())
-        self.bank = head.text_bank.float().numpy() if head is not None else None
-        self.bank_scale = float(head.logit_scale) if head is not None else 0.0
 
     @torch.no_grad()
     def images(self, pixels: np.ndarray) -> np.ndarray:
         return F.normalize(self.loaded.model.encode_image(torch.from_numpy(pixels)), dim=-1).numpy()
 
     @torch.no_grad()
-    def texts(self, texts: list[str]) -> np.ndarray:
-        return F.normalize(self.loaded.encode_text(texts), dim=-1).numpy()
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        """What the class weights score: the image embedding, through the ComKD head when there is one."""
+        if self.head is None:
+            return self.images(pixels)
+        return F.normalize(self.head(torch.from_numpy(self.images(pixels))), dim=-1).numpy()
+
+    def classes(self, labels: list[str]) -> tuple[np.ndarray, float, str]:
+        """Class weights [C, D] over `labels`, their logit scale and a note ("" when there is none)."""
+        if self.scorer is None:
+            return self.texts(labels), self.logit_scale, ""
+        weights, note = self.scorer.weights(labels, [TEMPLATE.replace("{}", "{c}")], by_position=True)
+        scale = float(self.head.logit_scale) if self.head is not None else self.logit_scale
+        return weights.T.numpy(), scale, note
 
     @torch.no_grad()
-    def to_bank(self, features: np.ndarray) -> np.ndarray:
-        return F.normalize(self.head(torch.from_numpy(features)), dim=-1).numpy()
+    def texts(self, labels: list[str]) -> np.ndarray:
+        prompts = [TEMPLATE.format(label) for label in labels]
+        return F.normalize(self.loaded.encode_text(prompts), dim=-1).numpy()
 
 
 class OnnxBackend:
-    """An `export/onnx` folder run by onnxruntime (the tokenizer still comes from open_clip)."""
+    """An `export/onnx` folder run by onnxruntime (the tokenizer still comes from open_clip). A ComKD
+    student's labels are looked up in its text bank by the class names the export stores, as in PyTorch."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, name: str | None = None) -> None:
         import onnxruntime as ort
 
         folder = Path(folder)
+        self.name = name or str(folder)
         spec = json.loads((folder / "preprocess.json").read_text())
+        if "head" in spec and "classnames" not in spec["head"]:
+            raise ConfigError(
+                f"{folder} is an ONNX export of a ComKD student without its class names (an older export): "
+                "export it again (clipdistill export --format onnx)"
+            )
         self.preprocess = Preprocess(spec["image_size"], tuple(spec["mean"]), tuple(spec["std"]))
         self.logit_scale = float(spec["logit_scale"])
 
@@ -81,21 +96,33 @@ class OnnxBackend:
         if tokenizer.get("hf_tokenizer_name"):  # stored relative to the export folder
             tokenizer["hf_tokenizer_name"] = str((folder / tokenizer["hf_tokenizer_name"]).resolve())
         self.tokenizer = build_tokenizer({"text_cfg": {k: v for k, v in tokenizer.items() if v}})
-        self.head_session, self.bank, self.bank_scale = None, None, 0.0
+        self.head_session, self.bank, self.bank_names, self.bank_scale = None, None, None, 0.0
         if "head" in spec:
             self.head_session = session("head.onnx")
             self.bank = np.load(folder / "text_bank.npy")
+            self.bank_names = spec["head"]["classnames"]
             self.bank_scale = float(spec["head"]["logit_scale"])
 
     def images(self, pixels: np.ndarray) -> np.ndarray:
         return self.image_session.run(None, {"pixels": pixels})[0]
 
-    def texts(self, texts: list[str]) -> np.ndarray:
-        tokens = self.tokenizer(texts).long().numpy()
-        return self.text_session.run(None, {"tokens": tokens})[0]
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        """What the class weights score: the image embedding, through the ComKD head when there is one."""
+        if self.head_session is None:
+            return self.images(pixels)
+        return self.head_session.run(None, {"embedding": self.images(pixels)})[0]
 
-    def to_bank(self, features: np.ndarray) -> np.ndarray:
-        return self.head_session.run(None, {"embedding": features})[0]
+    def classes(self, labels: list[str]) -> tuple[np.ndarray, float, str]:
+        """Class weights [C, D] over `labels`, their logit scale and a note, as `TorchBackend.classes`."""
+        if self.bank is None:
+            return self.texts(labels), self.logit_scale, ""
+        names = self.bank_names or labels  # no names stored: the labels name the rows in order
+        weights, note = bank_weights(torch.from_numpy(self.bank), names, labels, self.name, by_position=True)
+        return weights.T.numpy(), self.bank_scale, note
+
+    def texts(self, labels: list[str]) -> np.ndarray:
+        tokens = self.tokenizer([TEMPLATE.format(label) for label in labels]).long().numpy()
+        return self.text_session.run(None, {"tokens": tokens})[0]
 
 
 def expand_images(paths: list[str]) -> list[Path]:
@@ -151,31 +178,13 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def predict(backend, files: list[Path], labels: list[str], batch_size: int = 64) -> dict:
-    """Zero-shot probabilities over `labels` for each image; a ComKD student scores them with its
-    head against the stored class-text bank: by name when the bank's names are known (a trained run
-    folder), else its labels must name the bank's classes in order."""
-    scorer = getattr(backend, "scorer", None)
-    note = ""
-    if scorer is not None:
-        weights, note = scorer.weights(labels, [TEMPLATE.replace("{}", "{c}")], by_position=True)
-        classes = weights.T.numpy()
-        scale = backend.bank_scale if backend.head is not None else backend.logit_scale
-    elif backend.bank is not None:
-        if len(labels) != len(backend.bank):
-            raise ValueError(
-                f"this ComKD student classifies into the {len(backend.bank)} classes of its text bank: "
-                f"give {len(backend.bank)} labels naming them in order, not {len(labels)}"
-            )
-        classes, scale = backend.bank, backend.bank_scale
-    else:
-        classes, scale = backend.texts([TEMPLATE.format(label) for label in labels]), backend.logit_scale
+    """Zero-shot probabilities over `labels` for each image; a model with a text bank (a ComKD student,
+    a prompt-tuned teacher) scores the bank's rows that the labels name."""
+    classes, scale, note = backend.classes(labels)
     skipped: list[dict] = []
     rows = []
     for paths, pixels in pixel_batches(files, backend.preprocess, batch_size, skipped):
-        features = backend.images(pixels)
-        if backend.bank is not None:
-            features = backend.to_bank(features)
-        for path, p in zip(paths, _softmax(scale * features @ classes.T), strict=True):
+        for path, p in zip(paths, _softmax(scale * backend.features(pixels) @ classes.T), strict=True):
             best = int(p.argmax())
             probs = {label: round(float(q), 6) for label, q in zip(labels, p, strict=True)}
             rows.append(
@@ -227,14 +236,12 @@ def load_backend(model: str, backend: str, config: str | None, run_dir: str | No
     if backend == "onnx":
         folder = model_dir(cfg, model) / "export" / "onnx"
         if not (folder / "preprocess.json").is_file():
-            from clipdistill.export import export_onnx, refuse_prompted_student
+            from clipdistill.export import run_export
 
-            head = load_head(model_dir(cfg, model)) if model != "teacher" else None
-            refuse_prompted_student(model_dir(cfg, model), head)
-            export_onnx(load_trained(cfg, model), folder, head)
-        return OnnxBackend(folder)
+            run_export(replace(cfg, {"export.model": model, "export.format": "onnx"}))
+        return OnnxBackend(folder, model)
     scorer = TrainedClassifier(cfg, model)
-    return TorchBackend(scorer.loaded, scorer.head, scorer)
+    return TorchBackend(scorer.loaded, scorer)
 
 
 def _table(result: dict) -> str:

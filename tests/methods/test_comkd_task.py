@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
 import clipdistill.data.lab as lab_module
@@ -28,6 +29,7 @@ from clipdistill.models.prompts import TextPromptLearner, VisualPromptLearner, a
 from clipdistill.predict import load_backend
 from clipdistill.train import train
 from conftest import needs_lab
+from own_data import hf_cache, tiny_model, tiny_model_config
 
 pytestmark = needs_lab
 
@@ -102,6 +104,20 @@ def test_prompt_teacher_on_minilm_goes_through_inputs_embeds(tiny_config):
     )  # fmt: skip
     train(cfg)
     _check_stage1(cfg, dim=256)
+
+
+def test_prompt_teacher_of_a_hugging_face_hub_teacher(tiny_config, tmp_path, monkeypatch):
+    """Stage 1 takes its tokenizer from the teacher's config wherever the teacher comes from."""
+    cache = hf_cache(
+        tmp_path / "hf", "org/tiny", tiny_model(), tiny_model_config(), "open_clip_model.safetensors"
+    )
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    cfg = tiny_config(
+        *STAGE1, "--teacher.name", "hf-hub:org/tiny",
+        "--train.steps", "1", "--train.batch_size", "8", "--data.train_size", "64",
+    )  # fmt: skip
+    train(cfg)
+    _check_stage1(cfg, dim=24)
 
 
 def _stage2(tiny_cache, prompted, tmp_path, *extra: str) -> RunConfig:

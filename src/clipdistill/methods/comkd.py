@@ -124,6 +124,17 @@ class ComkdTask(Task):
         return build_comkd(cfg, model, cache)
 
 
+def refuse_ensemble_cache(cache: TeacherCache | None) -> None:
+    """ComKD's two stages read one teacher's features: an ensemble's are several teachers' side by side,
+    which the text bank of the one teacher that stage 1 prompt-tunes does not describe."""
+    if cache is not None and cache.meta.ensemble:
+        raise ConfigError(
+            "ComKD distils one prompt-tuned teacher, whose text bank scores that teacher's own image "
+            f"features, but {cache.folder} is an ensemble of {len(cache.meta.ensemble) + 1} teachers "
+            "(embed.ensemble): run `clipdistill embed`, stage 1 and stage 2 without --embed.ensemble"
+        )
+
+
 def prompt_teacher_folder(cfg: RunConfig) -> Path:
     """Stage 1's folder, or (a multi-seed lab) the stage-1 run of the same seed."""
     folder = find_run(cfg, cfg.comkd.prompt_teacher, TEXT_BANK)
@@ -173,6 +184,7 @@ def build_comkd(cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) ->
             f"train.method {cfg.train.method} distils into the student: set --train.role student"
         )
     text_bank = load_text_bank(cfg)
+    refuse_ensemble_cache(cache)
     if cache is not None and cache.meta.image_dim != text_bank.shape[1]:
         raise ConfigError(
             f"the teacher cache has image width {cache.meta.image_dim} but the text bank "
@@ -180,6 +192,12 @@ def build_comkd(cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) ->
         )
     teacher_images = None
     features = prompt_teacher_folder(cfg) / IMAGE_FEATURES
+    if features.is_file() and cache is not None and cache.meta.views > 1:
+        raise ConfigError(
+            f"stage 1 learned visual prompts, so stage 2's targets are its features of the plain images "
+            f"({features}), while a cache of embed.views {cache.meta.views} crops the student's: train "
+            "stage 2 without --embed.views, or stage 1 without visual prompts"
+        )
     if features.is_file():
         teacher_images = torch.from_numpy(np.load(features, allow_pickle=False))
         if cache is not None and len(teacher_images) != len(cache):

@@ -24,10 +24,10 @@ from clipdistill.cache import TeacherCache
 from clipdistill.checkpoint import atomic_write, save_npy
 from clipdistill.config import ComkdConfig, ConfigError, RunConfig
 from clipdistill.data.sources import make_pair_source
-from clipdistill.methods.comkd import COMKD_MODULE_KEYS
+from clipdistill.methods.comkd import COMKD_MODULE_KEYS, refuse_ensemble_cache
 from clipdistill.methods.labelled import labelled_train
 from clipdistill.methods.task import CacheUse, Task
-from clipdistill.models.factory import build_tokenizer, load_model_config, preprocess_for
+from clipdistill.models.factory import build_tokenizer, preprocess_for, resolve_source
 from clipdistill.models.heads import SPLIT, TEXT_BANK
 from clipdistill.models.prompts import TextPromptLearner, VisualPromptLearner
 
@@ -164,8 +164,9 @@ class PromptTeacherTask(Task):
 def build_prompt_teacher(cfg: RunConfig, model: nn.Module, cache: TeacherCache | None) -> PromptTeacherTask:
     if cfg.train.role != "teacher":
         raise ConfigError("train.method prompt_teacher tunes the teacher's prompts: set --train.role teacher")
+    refuse_ensemble_cache(cache)
     train = labelled_train(cfg)
-    config = load_model_config(cfg.teacher.name)
+    config = resolve_source(cfg.teacher).config  # a hub or folder teacher's too, not only a named one
     tokenizer = build_tokenizer(config)
     return PromptTeacherTask(
         model,

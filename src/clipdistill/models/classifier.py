@@ -57,7 +57,7 @@ class TrainedClassifier:
             self.kind = "comkd_head"
             self.head.to(self.device)
             self.bank = self.head.text_bank.float().cpu()
-            self.bank_names = _bank_names(_stage1_folder(folder))
+            self.bank_names = head_classnames(folder)
             self.visual_prompts = attach_visual_prompts(self.loaded.model, folder)  # stage 2's, if learned
         elif name != "teacher" and (folder / TEXT_BANK).is_file():
             self.kind = "text_bank"
@@ -112,27 +112,36 @@ class TrainedClassifier:
         if self.bank is None:
             return zeroshot_classifier(self.encode_texts, classnames, templates), ""
         names = self.bank_names or all_names or classnames
-        if len(names) != len(self.bank):
-            raise ConfigError(
-                f"the model's text bank has {len(self.bank)} classes but its names (or the data's) "
-                f"{len(names)}: was it trained on this data?"
-            )
-        index = {n: i for i, n in enumerate(names)}
-        missing = [c for c in classnames if c not in index]
-        if not missing:
-            return self.bank[[index[c] for c in classnames]].T, ""
-        if by_position and len(classnames) == len(self.bank):
-            note = (
-                f"{self.name} classifies with the {len(self.bank)} classes of its stored text bank "
-                f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}), not these class names "
-                f"({len(missing)} differ, e.g. {missing[:3]}): they are scored by position"
-            )
-            return self.bank.T, note
+        return bank_weights(self.bank, names, classnames, self.name, by_position)
+
+
+def bank_weights(
+    bank: torch.Tensor, names: list[str], classnames: list[str], model: str, by_position: bool = False
+) -> tuple[torch.Tensor, str]:
+    """The rows of a text bank [C, D] named `classnames`, as class weights [D, C], and a note.
+
+    `names` are the bank's rows in order. One function for every backend, so a model scores the same
+    classes whether it runs in PyTorch or from its ONNX export."""
+    if len(names) != len(bank):
         raise ConfigError(
-            f"{len(missing)} classes are not in the model's text bank ({self.name}), e.g. {missing[:3]}; "
-            f"it holds {len(names)} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}): a model "
-            "with a text bank scores only the classes it was trained on"
+            f"the model's text bank has {len(bank)} classes but its names (or the data's) "
+            f"{len(names)}: was it trained on this data?"
         )
+    index = {n: i for i, n in enumerate(names)}
+    missing = [c for c in classnames if c not in index]
+    if not missing:
+        return bank[[index[c] for c in classnames]].T, ""
+    held = f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+    if by_position and len(classnames) == len(bank):
+        note = (
+            f"{model} classifies with the {len(bank)} classes of its stored text bank ({held}), not these "
+            f"class names ({len(missing)} differ, e.g. {missing[:3]}): they are scored by position"
+        )
+        return bank.T, note
+    raise ConfigError(
+        f"{len(missing)} classes are not in the model's text bank ({model}), e.g. {missing[:3]}; "
+        f"it holds {len(names)} ({held}): a model with a text bank scores only the classes it was trained on"
+    )
 
 
 @torch.no_grad()
@@ -158,11 +167,12 @@ def zeroshot_classifier(
     return F.normalize(per_class, dim=-1).T
 
 
-def _stage1_folder(student_folder: Path) -> Path:
-    """The prompt-tuned teacher a ComKD student was distilled from (a multi-seed lab: the same seed's)."""
+def head_classnames(student_folder: Path) -> list[str] | None:
+    """The class names of a ComKD student's text bank, in row order: those of the prompt-tuned teacher it
+    was distilled from (a multi-seed lab: the same seed's); None when that teacher's split.json is gone."""
     trained = trained_config(student_folder)
     name = trained.comkd.prompt_teacher
-    return find_run(trained, name, SPLIT) or model_dir(trained, name)
+    return _bank_names(find_run(trained, name, SPLIT) or model_dir(trained, name))
 
 
 def _bank_names(folder: Path) -> list[str] | None:
