@@ -307,13 +307,23 @@ def test_shard_cut_between_members_is_still_caught(shards, tmp_path):
     assert stream[-1][2] == "truncated_shard"
 
 
-@pytest.mark.parametrize("content", [b"", b"not a tar at all" * 100])
-def test_unreadable_shard_is_one_bad_record(shards, tmp_path, content):
-    urls, records = shards
-    (tmp_path / "shard-001.tar").write_bytes(content)
-    stream = _stream(_records(urls))
-    assert stream[4] == (str(tmp_path / "shard-001.tar"), 4, "unreadable_shard")
-    assert len(stream) == len(records) - 4 + 1
+@pytest.mark.parametrize("cut", [0, 100, 700])  # empty, inside the first header, inside the first image
+def test_a_shard_without_a_readable_sample_is_unreadable_and_a_reader_refuses_it(shards, tmp_path, cut):
+    urls, _ = shards
+    index = ShardIndex.scan(expand_urls(urls))
+    shard = tmp_path / "shard-001.tar"
+    _cut_shard(shard, cut)
+    scanned = ShardIndex.scan(expand_urls(urls))
+    assert scanned.unreadable.tolist() == [1] and scanned.counts.tolist() == [4, 0, 4]
+    if cut < 700:  # no tar left to open: the index that read it says it changed
+        with pytest.raises(ShardChangedError, match="shard-001.tar was read .* cannot be opened now"):
+            _stream(_records(urls, index=index))
+
+
+def test_random_bytes_are_unreadable(shards, tmp_path):
+    urls, _ = shards
+    (tmp_path / "shard-002.tar").write_bytes(np.random.default_rng(0).bytes(5000))
+    assert ShardIndex.scan(expand_urls(urls)).unreadable.tolist() == [2]
 
 
 def test_config_mistakes_fail_before_reading(shards, tmp_path):

@@ -1,38 +1,24 @@
 """WebDataset shards through `embed` (ordered stream) and `train` (shard-shuffled stream)."""
 
-import io
 import os
-import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from clipdistill.cache import TeacherCache
 from clipdistill.config import load_config
 from clipdistill.embed import run_embed
 from clipdistill.train import train
+from conftest import write_shard
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-
-
-def _write_shard(path, keys, rng, bad_key=None):
-    with tarfile.open(path, "w") as tar:
-        for key in keys:
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(buf, format="PNG")
-            payload = b"not an image" if key == bad_key else buf.getvalue()
-            for name, data in ((f"{key}.png", payload), (f"{key}.txt", f"a photo of item {key}".encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture
 def shards(tmp_path):
     rng = np.random.default_rng(0)
-    _write_shard(tmp_path / "000.tar", [f"s0_{i:03d}" for i in range(24)], rng, bad_key="s0_005")
-    _write_shard(tmp_path / "001.tar", [f"s1_{i:03d}" for i in range(24)], rng)
+    write_shard(tmp_path / "000.tar", [f"s0_{i:03d}" for i in range(24)], rng, bad_key="s0_005")
+    write_shard(tmp_path / "001.tar", [f"s1_{i:03d}" for i in range(24)], rng)
     return str(tmp_path / "{000..001}.tar")
 
 
@@ -158,9 +144,29 @@ def test_shards_changed_after_embed_are_refused_by_embed_and_train(tmp_path, sha
     from clipdistill.data.pairs import ShardChangedError
 
     run_embed(_cfg(tmp_path, shards))
-    _write_shard(tmp_path / "001.tar", [f"new_{i:03d}" for i in range(24)], np.random.default_rng(1))
+    write_shard(tmp_path / "001.tar", [f"new_{i:03d}" for i in range(24)], np.random.default_rng(1))
     with pytest.raises(CacheMismatchError, match="the shards changed"):
         run_embed(_cfg(tmp_path, shards))
     with pytest.raises(ShardChangedError, match="001.tar changed"):
         train(_cfg(tmp_path, shards, "--train.method", "openclip_distill", "--train.steps", "12",
                    "--train.batch_size", "4"))  # fmt: skip
+
+
+def test_unreadable_shards_are_refused_naming_each_before_anything_is_embedded(tmp_path, shards):
+    """Random bytes, an empty file and a tar cut inside its first header: their sample counts are
+    unknown, so they cannot be weighed against embed.max_skip_fraction as one skip each."""
+    real = (tmp_path / "001.tar").read_bytes()
+    (tmp_path / "001.tar").write_bytes(np.random.default_rng(5).bytes(20_000))
+    (tmp_path / "002.tar").write_bytes(b"")
+    (tmp_path / "003.tar").write_bytes(real[:100])
+    cfg = _cfg(tmp_path, str(tmp_path / "{000..003}.tar"))
+    with pytest.raises(ValueError, match="3 of 4 shards") as refused:
+        run_embed(cfg)
+    message = str(refused.value)
+    assert "\n" not in message and "000.tar" not in message
+    assert all(str(tmp_path / f"00{s}.tar") in message for s in (1, 2, 3))
+    assert not list((tmp_path / "run" / "cache").glob("emb_*.npy"))
+    with pytest.raises(ValueError, match="3 of 4 shards"):  # train without a cache reads the shards too
+        train(
+            _cfg(tmp_path, str(tmp_path / "{000..003}.tar"), "--train.steps", "1", "--train.batch_size", "4")
+        )

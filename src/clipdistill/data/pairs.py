@@ -156,6 +156,9 @@ def keys_digest(keys: list[str]) -> int:
     return int.from_bytes(hashlib.blake2b("\n".join(keys).encode(), digest_size=8).digest(), "little") >> 1
 
 
+UNREADABLE = -1  # the key digest of a shard that cannot be read (digests are 63-bit, never negative)
+
+
 @dataclass
 class ShardIndex:
     """What a list of shards holds, from their headers: records per shard (`count_shard_samples`) and
@@ -163,19 +166,27 @@ class ShardIndex:
     knows every record's cache row, `offsets[shard] + record`, without reading a tar or a key table."""
 
     counts: np.ndarray  # int64 [shards]
-    digests: np.ndarray  # int64 [shards]; -1 for a shard that cannot be opened
+    digests: np.ndarray  # int64 [shards]; UNREADABLE for a shard without one readable sample
 
     @classmethod
     def scan(cls, shards: list[str]) -> ShardIndex:
-        counts, digests = np.empty(len(shards), np.int64), np.empty(len(shards), np.int64)
+        """A shard cut short counts its whole samples and one record for the cut; one that cannot be
+        opened, or is cut before its first whole sample, is UNREADABLE (its sample count is unknown)."""
+        counts, digests = np.zeros(len(shards), np.int64), np.full(len(shards), UNREADABLE, np.int64)
         for i, path in enumerate(shards):
             try:
                 with tarfile.open(path) as tar:
                     groups, complete = _group_by_key(tar)
-                counts[i], digests[i] = len(groups) + (not complete), keys_digest([k for k, _ in groups])
             except _TAR_ERRORS:
-                counts[i], digests[i] = 1, -1
+                continue
+            if groups or complete:
+                counts[i], digests[i] = len(groups) + (not complete), keys_digest([k for k, _ in groups])
         return cls(counts, digests)
+
+    @property
+    def unreadable(self) -> np.ndarray:
+        """Positions of the shards without one readable sample."""
+        return np.flatnonzero(self.digests == UNREADABLE)
 
     @property
     def offsets(self) -> np.ndarray:
@@ -250,7 +261,7 @@ class ShardBatches(IterableDataset):
                 return self._owned((first + k) // size, worker, workers)
 
             digest = int(self.index.digests[i])
-            for record, raw in _read_shard(self.shards[i], wanted, self.keep(i), read, digest):
+            for record, raw in _read_shard(self.shards[i], digest, wanted, self.keep(i), read):
                 if raw is not None:
                     samples.append(self._to_sample(raw, int(offsets[i]) + record))
                     if len(samples) == size:
@@ -289,19 +300,19 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 def _read_shard(
     path: str,
+    digest: int,
     wanted: set[str],
-    keep: np.ndarray | None = None,
-    read: Callable[[int], bool] | None = None,
-    digest: int | None = None,
+    keep: np.ndarray | None,
+    read: Callable[[int], bool],
 ) -> Iterator[tuple[int, dict | None]]:
     """One shard's kept records as (record number, `{"__key__": key, ext: bytes}`), only `wanted`
     extensions read.
 
-    Records whose `keep` entry is False are left out. The k-th kept record is read only if `read(k)`
-    (default: all), else it comes out as None, from its header alone. A shard that cannot be opened is
-    one `unreadable_shard` record; a shard cut short ends with a `truncated_shard` record in place of
-    its last sample, which may have lost members past the cut. `digest` (from the `ShardIndex`) is
-    checked against the shard's keys before any record is read.
+    Records whose `keep` entry is False are left out. The k-th kept record is read only if `read(k)`,
+    else it comes out as None, from its header alone. A shard cut short ends with a
+    `truncated_shard` record in place of its last sample, which may have lost members past the cut.
+    `digest` (the `ShardIndex`'s, of a shard it could read) is checked against the shard's keys
+    before any record is read.
     """
 
     def kept(record: int) -> bool:
@@ -310,16 +321,13 @@ def _read_shard(
     try:
         tar = tarfile.open(path)
     except _TAR_ERRORS:
-        if digest not in (None, -1):
-            raise ShardChangedError(f"shard {path} cannot be opened now; rerun `clipdistill embed`") from None
-        if kept(0) and (read is None or read(0)):
-            yield 0, {"bad": "unreadable_shard", "id": path}
-        elif kept(0):
-            yield 0, None
-        return
+        raise ShardChangedError(
+            f"shard {path} was read when the shards were indexed but cannot be opened now; rerun "
+            "`clipdistill embed`"
+        ) from None
     with tar:
         groups, complete = _group_by_key(tar)
-        if digest is not None and keys_digest([key for key, _ in groups]) != digest:
+        if keys_digest([key for key, _ in groups]) != digest:
             raise ShardChangedError(
                 f"shard {path} changed since `clipdistill embed` read it (other keys): its samples no "
                 "longer match the teacher cache; rerun embed"
@@ -329,7 +337,7 @@ def _read_shard(
             if not kept(record):
                 continue
             position += 1
-            if read is not None and not read(position - 1):
+            if not read(position - 1):
                 yield record, None
                 continue
             try:
@@ -340,7 +348,7 @@ def _read_shard(
             yield record, {"__key__": key, **data}
         if not complete and kept(len(groups)):
             cut = {"bad": "truncated_shard", "id": path}
-            yield len(groups), (cut if read is None or read(position) else None)
+            yield len(groups), (cut if read(position) else None)
 
 
 def _group_by_key(tar: tarfile.TarFile) -> tuple[list[tuple[str, dict[str, tarfile.TarInfo]]], bool]:

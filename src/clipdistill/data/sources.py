@@ -24,6 +24,8 @@ from clipdistill.data.lab import LabSplit, load_lab, to_pixels
 from clipdistill.models.factory import Preprocess
 from clipdistill.runs import table_file
 
+UNREADABLE_NAMED = 10  # unreadable shards a refusal names
+
 
 class ResizeCropNormalize:
     """RGB PIL image -> CLIP's bicubic resize (shorter side to `size`), centre crop and
@@ -162,7 +164,9 @@ class ShardPairs:
     @property
     def index(self):
         """The shards' `ShardIndex`: the cache's manifest when `use_index` gave it, else read from the
-        headers (every rank reads its share when running under torchrun)."""
+        headers (every rank reads its share when running under torchrun). A shard without one readable
+        sample is refused, not counted as one bad sample: how many samples it lost is unknown, so
+        `embed.max_skip_fraction` could not weigh it."""
         from clipdistill.data.pairs import ShardIndex
 
         if self._index is None:
@@ -172,7 +176,18 @@ class ShardPairs:
             counts, digests = np.empty(len(self.shards), np.int64), np.empty(len(self.shards), np.int64)
             for r, part in enumerate(parts):
                 counts[r::world], digests[r::world] = part.counts, part.digests
-            self._index = ShardIndex(counts, digests)
+            index = ShardIndex(counts, digests)
+            if len(index.unreadable):  # every rank holds the gathered index: all of them stop here
+                named = [self.shards[i] for i in index.unreadable[:UNREADABLE_NAMED]]
+                more = len(index.unreadable) - len(named)
+                raise ValueError(
+                    f"{len(index.unreadable)} of {len(self.shards)} shards in {self.urls!r} hold no readable "
+                    "sample (not a tar archive, or cut inside its first sample), so how many samples they "
+                    f"lost is unknown: {', '.join(named)}"
+                    f"{f' and {more} more' if more else ''}; repair or replace them, or leave them out "
+                    "of data.path"
+                )
+            self._index = index
         return self._index
 
     def use_index(self, index) -> None:
