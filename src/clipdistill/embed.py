@@ -93,12 +93,13 @@ def embed_teacher(
     if len(source) == 0:
         raise ValueError(f"data.path {cfg.data.path} holds no sample ({cfg.data.kind}): nothing to embed")
     width = teacher.model.encode_text(teacher.tokenizer(["x"]).to(device)).shape[-1]
+    data = data_id(cfg)
     meta = CacheMeta(
         fingerprint=teacher_fingerprint(
-            teacher.model_id, teacher.weights_hash(), teacher.preprocess, data_id(cfg), views, members
+            teacher.model_id, teacher.weights_hash(), teacher.preprocess, data, views, members
         ),
         model_id=teacher.model_id,
-        data_id=data_id(cfg),
+        data_id=data,
         num_samples=len(source),
         image_dim=teacher.embed_dim,
         text_dim=int(width),
@@ -112,7 +113,7 @@ def embed_teacher(
     plain = None
     if folder != plain_dir(cfg):
         plain_fingerprint = teacher_fingerprint(
-            teacher.model_id, teacher.weights_hash(), teacher.preprocess, data_id(cfg)
+            teacher.model_id, teacher.weights_hash(), teacher.preprocess, data
         )
         plain = plain_cache(plain_dir(cfg), plain_fingerprint, meta)
     report = build_cache(folder, meta, teacher.model, source, cfg.embed.batch_size, device, plain)

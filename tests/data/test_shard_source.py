@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from clipdistill.cache import TeacherCache
 from clipdistill.config import load_config
@@ -20,6 +21,19 @@ def shards(tmp_path):
     write_shard(tmp_path / "000.tar", [f"s0_{i:03d}" for i in range(24)], rng, bad_key="s0_005")
     write_shard(tmp_path / "001.tar", [f"s1_{i:03d}" for i in range(24)], rng)
     return str(tmp_path / "{000..001}.tar")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> str:
+    """A fixed stand-in teacher: `random` draws new weights (another fingerprint) on every run."""
+    from clipdistill.checkpoint import save_state_dict
+    from clipdistill.config import ModelConfig
+    from clipdistill.models.factory import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "model.safetensors"
+    save_state_dict(create_model(ModelConfig(name="lab-student-tiny")).model.state_dict(), path)
+    return str(path)
 
 
 def _cfg(tmp_path, shards, *extra):
@@ -140,14 +154,14 @@ def test_webdataset_resume_at_steps_off_the_workers_round_gives_the_uninterrupte
 
 
 def test_shards_changed_after_embed_are_refused_by_embed_and_train(tmp_path, shards):
+    """Other keys: embed names the shards (the manifest), train refuses before its first batch."""
     from clipdistill.cache import CacheMismatchError
-    from clipdistill.data.pairs import ShardChangedError
 
     run_embed(_cfg(tmp_path, shards))
     write_shard(tmp_path / "001.tar", [f"new_{i:03d}" for i in range(24)], np.random.default_rng(1))
     with pytest.raises(CacheMismatchError, match="the shards changed"):
         run_embed(_cfg(tmp_path, shards))
-    with pytest.raises(ShardChangedError, match="001.tar changed"):
+    with pytest.raises(CacheMismatchError, match="was built from data"):
         train(_cfg(tmp_path, shards, "--train.method", "openclip_distill", "--train.steps", "12",
                    "--train.batch_size", "4"))  # fmt: skip
 
@@ -170,3 +184,50 @@ def test_unreadable_shards_are_refused_naming_each_before_anything_is_embedded(t
         train(
             _cfg(tmp_path, str(tmp_path / "{000..003}.tar"), "--train.steps", "1", "--train.batch_size", "4")
         )
+
+
+def _rewrite_captions(tmp_path) -> None:
+    """Shard 001 edited in place: the same keys and images, captions of the same length: the tar's
+    keys, record count and byte size are unchanged."""
+    before = (tmp_path / "001.tar").stat().st_size
+    rng = np.random.default_rng(0)
+    write_shard(tmp_path / "scratch.tar", [f"s0_{i:03d}" for i in range(24)], rng)  # 001's images come next
+    write_shard(tmp_path / "001.tar", [f"s1_{i:03d}" for i in range(24)], rng, caption="a photo of ITEM")
+    assert (tmp_path / "001.tar").stat().st_size == before
+
+
+def test_a_shard_edited_in_place_is_refused_by_embed_and_train(tmp_path, shards, teacher):
+    from clipdistill.cache import CacheMismatchError
+
+    cfg = _cfg(tmp_path, shards, "--teacher.pretrained", teacher)
+    run_embed(cfg)
+    assert run_embed(cfg)["shards_computed"] == 0  # unchanged: reused
+    _rewrite_captions(tmp_path)
+    with pytest.raises(CacheMismatchError, match="data webdataset:") as refused:
+        run_embed(cfg)
+    assert "\n" not in str(refused.value)
+    with pytest.raises(CacheMismatchError, match="was built from data"):
+        train(_cfg(tmp_path, shards, "--teacher.pretrained", teacher, "--train.method", "openclip_distill"))
+
+
+def _unfinish(folder) -> None:
+    """The cache as `kill -9` leaves it before its last shard: no last shard, valid.npy or manifest."""
+    for name in ("emb_00002.npy", "shard_00002.json", "valid.npy", "manifest.npz", "report.json"):
+        (folder / name).unlink()
+
+
+def test_an_unfinished_cache_resumes_over_the_same_shards_and_refuses_edited_ones(tmp_path, shards, teacher):
+    from clipdistill.cache import CacheMismatchError
+
+    cfg = _cfg(tmp_path, shards, "--teacher.pretrained", teacher)
+    run_embed(cfg)
+    folder = tmp_path / "run" / "cache"
+    whole = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "report.json"}
+    _unfinish(folder)
+    assert run_embed(cfg)["shards_computed"] == 1
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "report.json"} == whole
+    _unfinish(folder)
+    _rewrite_captions(tmp_path)
+    with pytest.raises(CacheMismatchError, match="started with other settings"):
+        run_embed(cfg)
+    assert not (folder / "shard_00002.json").exists()

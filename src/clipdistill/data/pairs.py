@@ -150,6 +150,17 @@ def expand_urls(urls: str) -> list[str]:
     return [url for part in urls.split("::") if part.strip() for url in braceexpand(part.strip())]
 
 
+def shard_files(urls: str) -> list[str]:
+    """The shards of `urls` (`expand_urls`), refused in one line when some are missing."""
+    shards = expand_urls(urls)
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(shards)} shards in {urls!r} not found: {missing[:3]}"
+        )
+    return shards
+
+
 def keys_digest(keys: list[str]) -> int:
     """A 63-bit digest of a shard's sample keys, in order: `train` checks that a shard is still the one
     `embed` read before it maps the shard's records to cache rows."""

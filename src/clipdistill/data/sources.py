@@ -9,7 +9,6 @@ Every source yields dicts with `image` (normalised float [B, 3, S, S]), `text` (
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -146,15 +145,10 @@ class ShardPairs:
     every sample's cache row known from that index, so it reads no tar before its first batch."""
 
     def __init__(self, cfg: DataConfig, tokenizer: Callable, preprocess: Preprocess):
-        from clipdistill.data.pairs import expand_urls
+        from clipdistill.data.pairs import shard_files
 
         self.urls = cfg.path
-        self.shards = expand_urls(cfg.path)
-        missing = [s for s in self.shards if not os.path.isfile(s)]
-        if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} of {len(self.shards)} shards in {cfg.path!r} not found: {missing[:3]}"
-            )
+        self.shards = shard_files(cfg.path)
         self.transform = pil_transform(preprocess)
         self.min_side = preprocess.image_size
         self.tokenizer = tokenizer
