@@ -174,11 +174,14 @@ def check_skipped(report: dict, cfg: RunConfig, source) -> None:
     total, skipped = report["num_samples"], report["skipped_total"]
     if skipped < total and skipped <= cfg.embed.max_skip_fraction * total:
         return
+    by_reason = report["skipped_by_reason"]
     reasons = ", ".join(
         f"{n} {reason} (e.g. {', '.join(report['skipped_examples'].get(reason, [])[:3])})"
-        for reason, n in report["skipped_by_reason"].items()
+        for reason, n in by_reason.items()
     )
-    hint = relative_path_hint(source) if report["skipped_by_reason"].get("missing_file") else ""
+    hint = relative_path_hint(source) if by_reason.get("missing_file") else ""
+    if by_reason.get("missing_image") or by_reason.get("missing_caption"):
+        hint += members_hint(source)
     if skipped == total:
         what, remedy = f"all {total} samples were skipped", ""
     else:
@@ -188,6 +191,17 @@ def check_skipped(report: dict, cfg: RunConfig, source) -> None:
     raise TooManySkipped(
         f"{what}: {reasons or 'no sample at all'}. {hint}Fix the data and rerun (delete {cache_dir(cfg)} "
         f"first: its shards are kept){remedy}; per-reason ids are in report.json"
+    )
+
+
+def members_hint(source) -> str:
+    """Which members of a webdataset sample were looked for."""
+    if not isinstance(source, ShardPairs):
+        return ""
+    images, captions = (" or ".join(f".{ext}" for ext in exts) for exts in (source.images, source.captions))
+    return (
+        f"Images are read from {images} members (data.image_key), captions from {captions} "
+        "(data.caption_key): set them to the extensions the shards hold. "
     )
 
 

@@ -1,10 +1,13 @@
 """WebDataset shards through `embed` (ordered stream) and `train` (shard-shuffled stream)."""
 
+import io
 import os
+import tarfile
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from clipdistill.cache import TeacherCache
 from clipdistill.config import load_config
@@ -231,3 +234,57 @@ def test_an_unfinished_cache_resumes_over_the_same_shards_and_refuses_edited_one
     with pytest.raises(CacheMismatchError, match="started with other settings"):
         run_embed(cfg)
     assert not (folder / "shard_00002.json").exists()
+
+
+def _black_jpg_white_png(path) -> None:
+    """4 samples, each with a black .jpg, a white .png, tags in .txt and a sentence in .caption."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(4):
+            members = {"txt": f"tags {i}".encode(), "caption": f"a caption of {i}".encode()}
+            for ext, fmt, grey in (("jpg", "JPEG", 0), ("png", "PNG", 255)):
+                buf = io.BytesIO()
+                Image.new("RGB", (16, 16), (grey, grey, grey)).save(buf, format=fmt)
+                members[ext] = buf.getvalue()
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"k{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _first_batch(tmp_path, *keys) -> tuple[torch.Tensor, list[str]]:
+    """(the images, the captions) of the 4 samples, read with data.image_key/caption_key `keys`."""
+    from clipdistill.data.sources import ShardPairs
+    from clipdistill.models.factory import Preprocess
+
+    _black_jpg_white_png(tmp_path / "members.tar")
+    texts = []
+
+    def tokenizer(batch):
+        texts.extend(batch)
+        return torch.zeros(len(batch), 4, dtype=torch.long)
+
+    cfg = _cfg(tmp_path, str(tmp_path / "members.tar"), *keys)
+    source = ShardPairs(cfg.data, tokenizer, Preprocess(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+    (batch,) = source.batches([np.arange(4)])
+    return batch["image"], texts
+
+
+def test_webdataset_members_are_chosen_by_image_key_and_caption_key(tmp_path):
+    image, texts = _first_batch(tmp_path)  # the defaults: the first image and caption extension found
+    assert (image < 0).all() and texts == [f"tags {i}" for i in range(4)]
+    image, texts = _first_batch(tmp_path, "--data.image_key", "png", "--data.caption_key", "caption")
+    assert (image > 0).all() and texts == [f"a caption of {i}" for i in range(4)]
+    image, _ = _first_batch(tmp_path, "--data.image_key", "webp,PNG")  # a list, tried in order
+    assert (image > 0).all()
+
+
+def test_a_member_no_sample_has_or_a_json_caption_is_one_clear_line(tmp_path):
+    from clipdistill.config import ConfigError
+    from clipdistill.embed import TooManySkipped
+
+    _black_jpg_white_png(tmp_path / "members.tar")
+    cfg = _cfg(tmp_path, str(tmp_path / "members.tar"), "--data.image_key", "webp")
+    with pytest.raises(TooManySkipped, match=r"4 missing_image .* from \.webp members \(data.image_key\)"):
+        run_embed(cfg)
+    with pytest.raises(ConfigError, match="data.caption_key 'json'"):
+        run_embed(_cfg(tmp_path, str(tmp_path / "members.tar"), "--data.caption_key", "json"))

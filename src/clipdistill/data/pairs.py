@@ -167,6 +167,9 @@ def keys_digest(keys: list[str]) -> int:
     return int.from_bytes(hashlib.blake2b("\n".join(keys).encode(), digest_size=8).digest(), "little") >> 1
 
 
+# the member extensions a sample's image and caption are read from by default, first found first
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+CAPTION_MEMBERS = ("txt", "caption")
 UNREADABLE = -1  # the key digest of a shard that cannot be read (digests are 63-bit, never negative)
 
 
@@ -237,8 +240,8 @@ class ShardBatches(IterableDataset):
         transform: Transform,
         collate: Callable[[list[dict]], dict],
         min_side: int | None = None,
-        image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp"),
-        caption_keys: tuple[str, ...] = ("txt", "caption"),
+        image_keys: tuple[str, ...] = IMAGE_MEMBERS,
+        caption_keys: tuple[str, ...] = CAPTION_MEMBERS,
     ):
         self.shards, self.index, self.order, self.kept, self.keep = shards, index, order, kept, keep
         self.batch_size, self.start = batch_size, start

@@ -18,7 +18,7 @@ from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
 from clipdistill import distributed
-from clipdistill.config import DataConfig
+from clipdistill.config import ConfigError, DataConfig
 from clipdistill.data.lab import LabSplit, load_lab, to_pixels
 from clipdistill.models.factory import Preprocess
 from clipdistill.runs import table_file
@@ -149,6 +149,7 @@ class ShardPairs:
 
         self.urls = cfg.path
         self.shards = shard_files(cfg.path)
+        self.images, self.captions = shard_members(cfg)
         self.transform = pil_transform(preprocess)
         self.min_side = preprocess.image_size
         self.tokenizer = tokenizer
@@ -219,6 +220,7 @@ class ShardPairs:
         records = ShardBatches(
             self.shards, self.index, order, self.index.counts, lambda i: None, 1,
             int(flat[0] - offsets[first]), self.transform, lambda samples: samples[0], self.min_side,
+            self.images, self.captions,
         )  # fmt: skip
         stream = iter(records)
         for rows in lists:  # a stream shorter than counted (a cut shard) leaves its rows invalid
@@ -274,11 +276,39 @@ class ShardPairs:
                 continue
             dataset = ShardBatches(
                 self.shards, self.index, order, kept, keep, local_batch, start,
-                self.transform, self._collate, self.min_side,
+                self.transform, self._collate, self.min_side, self.images, self.captions,
             )  # fmt: skip
             loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
             yield from loader
             epoch, start = epoch + 1, 0
+
+
+def shard_members(cfg: DataConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The member extensions a webdataset sample's image and caption are read from, first found first:
+    `data.image_key` and `data.caption_key` as comma-separated lists (`jpg`, `png,webp`); left at
+    their table defaults (`filepath`, `title`) they mean `IMAGE_MEMBERS` and `CAPTION_MEMBERS`."""
+    from clipdistill.data.pairs import CAPTION_MEMBERS, IMAGE_MEMBERS
+
+    default = DataConfig()
+    images, captions = IMAGE_MEMBERS, CAPTION_MEMBERS
+    if cfg.image_key != default.image_key:
+        images = _extensions(cfg.image_key, "data.image_key")
+    if cfg.caption_key != default.caption_key:
+        captions = _extensions(cfg.caption_key, "data.caption_key")
+    if "json" in captions:
+        raise ConfigError(
+            f"data.caption_key {cfg.caption_key!r}: a JSON member is not read as a caption (the caption "
+            "would be the whole JSON text); name the member that holds the caption text, e.g. txt"
+        )
+    return images, captions
+
+
+def _extensions(value: str, option: str) -> tuple[str, ...]:
+    """`"jpg, .PNG"` -> ("jpg", "png")."""
+    exts = tuple(ext.strip().lstrip(".").lower() for ext in value.split(",") if ext.strip())
+    if not exts:
+        raise ConfigError(f"{option} {value!r}: name the extension(s) of the shards' members, e.g. jpg")
+    return exts
 
 
 class KeptRows:
