@@ -288,3 +288,27 @@ def test_a_member_no_sample_has_or_a_json_caption_is_one_clear_line(tmp_path):
         run_embed(cfg)
     with pytest.raises(ConfigError, match="data.caption_key 'json'"):
         run_embed(_cfg(tmp_path, str(tmp_path / "members.tar"), "--data.caption_key", "json"))
+
+
+def _stream_ids(source, global_batch, rank, world_size, steps, subset, start_step=0) -> list[list[str]]:
+    stream = source.stream(global_batch, 3, rank, world_size, start_step, subset=subset)
+    return [next(stream)["id"] for _ in range(steps)]
+
+
+def test_two_ranks_share_every_global_batch_of_a_subset_kept_in_one_shard(tmp_path, shards):
+    """A `balance`d subset all in shard 001: each rank still gets its half of every global batch of
+    one process's stream, epoch after epoch (3 global batches of 4 per epoch), and resumes mid-way."""
+    from clipdistill.data.sources import ShardPairs
+    from clipdistill.models.factory import create_student
+
+    student = create_student(_cfg(tmp_path, shards).student)
+    source = ShardPairs(_cfg(tmp_path, shards).data, student.tokenizer, student.preprocess)
+    subset = np.arange(24, 36)
+    one = _stream_ids(source, 4, 0, 1, 8, subset)
+    two = [_stream_ids(source, 4, rank, 2, 8, subset) for rank in range(2)]
+    assert [a + b for a, b in zip(*two, strict=True)] == one
+    assert all(len(batch) == 2 for rank in two for batch in rank)
+    assert sorted(sum(one[:3], [])) == [f"s1_{i:03d}" for i in range(12)]  # an epoch: each kept sample once
+    assert _stream_ids(source, 4, 1, 2, 3, subset, start_step=5) == two[1][5:]
+    with pytest.raises(ValueError, match="12 samples .* global batch of 16"):  # said before any batch
+        source.stream(16, 3, 0, 2, 0, subset=subset)

@@ -208,24 +208,26 @@ class ShardIndex:
         return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
 
 
-def shard_order(num_shards: int, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
-    """The shards (positions in the shard list) a rank reads in an epoch: all shards shuffled by
-    (seed, epoch), then dealt round-robin to ranks. Shards are shuffled, not samples: mix samples
-    when writing them."""
+def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """The order (positions in the shard list) every rank streams the shards in an epoch: shuffled by
+    (seed, epoch). Shards are shuffled, not samples: mix samples when writing them."""
     order = list(range(num_shards))
     random.Random(f"{seed}:{epoch}").shuffle(order)
-    return order[rank::world_size]
+    return order
 
 
 class ShardBatches(IterableDataset):
     """One rank's training batches of one epoch from webdataset shards, from batch `start` on.
 
-    The rank's stream is the kept records (`kept[i]` of shard i; `keep(i)` gives the mask) of its
-    shards in `order`; batch j is records [j * B, (j + 1) * B) of it, a pure function of (seed, epoch,
-    j), so a run resumes exactly at any step. DataLoader worker w builds batches start + w, start + w + W,
-    ...: the loader's round-robin hands them back in order, and a worker opens only the shards its
-    batches touch, reading the headers of the records before its own. A sample's `index` is its cache
-    row. Bad records keep their place and reach the batch's `skipped` list.
+    The epoch's stream is the kept records (`kept[i]` of shard i; `keep(i)` gives the mask) of the
+    shards in `order`, the same on every rank. Global batch j is records [j * G, (j + 1) * G) of it
+    (G = B x world size) and this rank's batch j is its slice of B records at rank x B: a pure function
+    of (seed, epoch, j), so a run resumes exactly at any step and N ranks together train on the batches
+    of one process, however the kept records are spread over the shards. DataLoader worker w builds
+    batches start + w, start + w + W, ...: the loader's round-robin hands them back in order, and a
+    worker opens only the shards its batches touch, reading the headers of the records before its own.
+    A sample's `index` is its cache row. Bad records keep their place and reach the batch's `skipped`
+    list.
     """
 
     def __init__(
@@ -242,37 +244,46 @@ class ShardBatches(IterableDataset):
         min_side: int | None = None,
         image_keys: tuple[str, ...] = IMAGE_MEMBERS,
         caption_keys: tuple[str, ...] = CAPTION_MEMBERS,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.shards, self.index, self.order, self.kept, self.keep = shards, index, order, kept, keep
         self.batch_size, self.start = batch_size, start
-        self.num_batches = int(kept[order].sum()) // batch_size
+        self.stride, self.lead = batch_size * world_size, batch_size * rank  # global batch, our place in it
+        self.num_batches = int(kept[order].sum()) // self.stride
         self.transform, self.collate, self.min_side = transform, collate, min_side
         self.image_keys, self.caption_keys = image_keys, caption_keys
 
     def __len__(self) -> int:
         return max(0, self.num_batches - self.start)
 
-    def _owned(self, batch: int, worker: int, workers: int) -> bool:
-        return self.start <= batch < self.num_batches and (batch - self.start) % workers == worker
+    def _owned(self, position: int, worker: int, workers: int) -> bool:
+        """Whether stream position `position` is in one of this rank's batches that `worker` builds."""
+        batch, place = divmod(position - self.lead, self.stride)
+        return (
+            place < self.batch_size
+            and self.start <= batch < self.num_batches
+            and (batch - self.start) % workers == worker
+        )
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         size, wanted = self.batch_size, set(self.image_keys) | set(self.caption_keys)
         offsets = self.index.offsets
-        first, samples = 0, []  # rank-stream position of the shard's first kept record
+        first, samples = 0, []  # stream position of the shard's first kept record
         for i in self.order:
             end = first + int(self.kept[i])
-            batch = max(first // size, self.start)
+            batch = max((first - self.lead - size) // self.stride + 1, self.start)  # the first ending past it
             batch += (worker - (batch - self.start)) % workers  # this worker's first batch from there on
-            if batch >= self.num_batches or batch * size >= end:
+            if batch >= self.num_batches or batch * self.stride + self.lead >= end:
                 first = end
-                if first >= self.num_batches * size:
+                if first >= self.num_batches * self.stride:
                     return
                 continue
 
             def read(k: int, first: int = first) -> bool:
-                return self._owned((first + k) // size, worker, workers)
+                return self._owned(first + k, worker, workers)
 
             digest = int(self.index.digests[i])
             for record, raw in _read_shard(self.shards[i], digest, wanted, self.keep(i), read):

@@ -230,7 +230,7 @@ class ShardPairs:
 
     def stream(
         self,
-        local_batch: int,
+        global_batch: int,
         seed: int,
         rank: int,
         world_size: int,
@@ -238,8 +238,10 @@ class ShardPairs:
         cache=None,
         subset: np.ndarray | None = None,
     ) -> Iterator[dict]:
-        """Training batches from step `start_step` on: shards shuffled per epoch and dealt to ranks
-        (`shard_order`), batches cut from each rank's stream, exactly resumable at any step.
+        """This rank's training batches from step `start_step` on: shards shuffled per epoch
+        (`shard_order`), each global batch cut from the stream of their kept records and each rank given
+        its slice (`ShardBatches`), so N ranks see the batches of one process, exactly resumable at any
+        step. Too few kept records for one global batch are refused here, before any batch.
 
         With the teacher `cache` of these shards, its manifest replaces reading the tar headers and
         only the rows it holds as valid are read; `subset` (sorted rows; None: all) narrows them.
@@ -251,32 +253,25 @@ class ShardPairs:
                 self.use_index(manifest[0])
                 valid_counts = manifest[1]
             valid = cache.valid
-        if len(self.shards) < world_size:
-            raise ValueError(
-                f"{len(self.shards)} shards in {self.urls!r} cannot be split over {world_size} ranks"
-            )
         keep = KeptRows(self.index.offsets, self.index.counts, valid, subset)
         kept = keep.counts(valid_counts)
         self.pool_size = int(kept.sum())
-        return self._epochs(local_batch, seed, rank, world_size, start_step, keep, kept)
+        if self.pool_size < global_batch:
+            raise ValueError(
+                f"only {self.pool_size} samples of {self.urls!r} to train on (the valid ones, within "
+                f"train.subset), fewer than a global batch of {global_batch}: lower train.batch_size"
+            )
+        return self._epochs(global_batch // world_size, seed, rank, world_size, start_step, keep, kept)
 
     def _epochs(self, local_batch, seed, rank, world_size, start_step, keep, kept) -> Iterator[dict]:
         from clipdistill.data.pairs import ShardBatches, shard_order
 
-        epoch, start = 0, start_step
+        epoch, start = divmod(start_step, int(kept.sum()) // (local_batch * world_size))  # batches per epoch
         while True:
-            order = shard_order(len(self.shards), seed, epoch, rank, world_size)
-            per_epoch = int(kept[order].sum()) // local_batch
-            if per_epoch == 0:
-                raise ValueError(
-                    f"no full batch of {local_batch} samples in {self.urls} for rank {rank} in epoch {epoch}"
-                )
-            if start >= per_epoch:
-                epoch, start = epoch + 1, start - per_epoch
-                continue
             dataset = ShardBatches(
-                self.shards, self.index, order, kept, keep, local_batch, start,
-                self.transform, self._collate, self.min_side, self.images, self.captions,
+                self.shards, self.index, shard_order(len(self.shards), seed, epoch), kept, keep,
+                local_batch, start, self.transform, self._collate, self.min_side, self.images,
+                self.captions, rank, world_size,
             )  # fmt: skip
             loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
             yield from loader
