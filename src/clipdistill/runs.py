@@ -53,14 +53,12 @@ def data_id(cfg: RunConfig) -> str:
         return f"paper:{d.dataset}:{d.path}"
     if d.kind == "csv":  # by content: an edited table is other data; a moved one, or another cwd, is not
         return f"csv:sha256-{table_digest(d.path)}:val{d.val_size}:train{d.train_size}"
-    if d.kind == "webdataset":  # by the shards' sizes and times too (a shard edited in place is other
-        # data) and by the members read
+    if d.kind == "webdataset":  # other members read, or a shard edited in place, are other data
         from clipdistill.data.sources import shard_members
 
         members = "/".join(",".join(exts) for exts in shard_members(d))
-        return (
-            f"webdataset:{d.path}:{members}:files-{shards_stamp(d.path)}:val{d.val_size}:train{d.train_size}"
-        )
+        stamp = shards_stamp(d.path)
+        return f"webdataset:{d.path}:{members}:files-{stamp}:val{d.val_size}:train{d.train_size}"
     return f"{d.kind}:{d.path or 'default'}:val{d.val_size}:train{d.train_size}"
 
 

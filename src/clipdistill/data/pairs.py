@@ -274,7 +274,9 @@ class ShardBatches(IterableDataset):
         first, samples = 0, []  # stream position of the shard's first kept record
         for i in self.order:
             end = first + int(self.kept[i])
-            batch = max((first - self.lead - size) // self.stride + 1, self.start)  # the first ending past it
+            batch = max(
+                (first - self.lead - size) // self.stride + 1, self.start
+            )  # first to end past `first`
             batch += (worker - (batch - self.start)) % workers  # this worker's first batch from there on
             if batch >= self.num_batches or batch * self.stride + self.lead >= end:
                 first = end
@@ -334,10 +336,10 @@ def _read_shard(
     extensions read.
 
     Records whose `keep` entry is False are left out. The k-th kept record is read only if `read(k)`,
-    else it comes out as None, from its header alone. A shard cut short ends with a
-    `truncated_shard` record in place of its last sample, which may have lost members past the cut.
-    `digest` (the `ShardIndex`'s, of a shard it could read) is checked against the shard's keys
-    before any record is read.
+    else it comes out as None, from its header alone. A shard cut short ends with a `truncated_shard`
+    record in place of its last sample, which may have lost members past the cut. `digest` (the
+    `ShardIndex`'s, of a shard it could read) is checked against the shard's keys before any record
+    is read.
     """
 
     def kept(record: int) -> bool:

@@ -173,14 +173,13 @@ class ShardPairs:
                 counts[r::world], digests[r::world] = part.counts, part.digests
             index = ShardIndex(counts, digests)
             if len(index.unreadable):  # every rank holds the gathered index: all of them stop here
-                named = [self.shards[i] for i in index.unreadable[:UNREADABLE_NAMED]]
-                more = len(index.unreadable) - len(named)
+                named = ", ".join(self.shards[i] for i in index.unreadable[:UNREADABLE_NAMED])
+                if len(index.unreadable) > UNREADABLE_NAMED:
+                    named += f" and {len(index.unreadable) - UNREADABLE_NAMED} more"
                 raise ValueError(
                     f"{len(index.unreadable)} of {len(self.shards)} shards in {self.urls!r} hold no readable "
                     "sample (not a tar archive, or cut inside its first sample), so how many samples they "
-                    f"lost is unknown: {', '.join(named)}"
-                    f"{f' and {more} more' if more else ''}; repair or replace them, or leave them out "
-                    "of data.path"
+                    f"lost is unknown: {named}; repair or replace them, or leave them out of data.path"
                 )
             self._index = index
         return self._index
@@ -266,7 +265,8 @@ class ShardPairs:
     def _epochs(self, local_batch, seed, rank, world_size, start_step, keep, kept) -> Iterator[dict]:
         from clipdistill.data.pairs import ShardBatches, shard_order
 
-        epoch, start = divmod(start_step, int(kept.sum()) // (local_batch * world_size))  # batches per epoch
+        per_epoch = int(kept.sum()) // (local_batch * world_size)  # global batches, the same every epoch
+        epoch, start = divmod(start_step, per_epoch)
         while True:
             dataset = ShardBatches(
                 self.shards, self.index, shard_order(len(self.shards), seed, epoch), kept, keep,
