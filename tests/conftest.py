@@ -9,10 +9,12 @@ missing.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,6 +81,26 @@ def write_pairs(folder: Path, size: int, seed: int = 0) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def write_shard(
+    path: Path,
+    keys: list[str],
+    rng: np.random.Generator,
+    bad_key: str | None = None,
+    caption: str = "a photo of item",
+) -> None:
+    """A WebDataset shard of 28 px PNGs (`key.png`, noise from `rng`) and captions (`key.txt`:
+    "CAPTION KEY"); `bad_key`'s image is a text file."""
+    with tarfile.open(path, "w") as tar:
+        for key in keys:
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(buf, format="PNG")
+            payload = b"not an image" if key == bad_key else buf.getvalue()
+            for name, data in ((f"{key}.png", payload), (f"{key}.txt", f"{caption} {key}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture(scope="session")

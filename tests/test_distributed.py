@@ -3,6 +3,7 @@
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,7 +17,7 @@ from clipdistill.methods.clip import ClipTask
 from clipdistill.models.factory import create_model
 from clipdistill.runs import output_dir
 from clipdistill.train import train
-from conftest import pairs_overrides
+from conftest import pairs_overrides, tiny_overrides, write_shard
 
 pytestmark = pytest.mark.slow  # spawns two processes
 
@@ -108,3 +109,37 @@ def test_train_world_size_2_equals_world_size_1(two_ranks, pairs_config):
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, rtol=0, atol=1e-5, msg=name)
     assert any(not torch.allclose(one[name], init[name]) for name in one)  # training moved the weights
+
+
+def _train_worker(local_rank: int, port: int, train_args: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(local_rank))  # fmt: skip
+    torch.set_num_threads(1)
+    train(load_config(None, train_args))
+    dist.destroy_process_group()
+
+
+def _subset_of_one_shard(tmp_path, run: str) -> list[str]:
+    """A run on 3 shards of 8 samples whose `train.subset` (as `balance` writes it) lies in shard 001."""
+    rng = np.random.default_rng(0)
+    for s in range(3):
+        if not (tmp_path / f"{s:03d}.tar").is_file():
+            write_shard(tmp_path / f"{s:03d}.tar", [f"s{s}_{i}" for i in range(8)], rng)
+    (tmp_path / run).mkdir()
+    np.save(tmp_path / run / "kept.npy", np.arange(8, 16))
+    return tiny_overrides(
+        tmp_path / run, "--data.kind", "webdataset", "--data.path", str(tmp_path / "{000..002}.tar"),
+        "--train.subset", "kept.npy", "--train.batch_size", "4", *TRAIN,
+    )  # fmt: skip
+
+
+def test_webdataset_subset_in_one_shard_trains_on_2_ranks_as_on_1(tmp_path):
+    """Each rank takes its half of every global batch of one process's shard stream: no rank runs out
+    of samples (the subset is 2 batches an epoch, the run 3 steps) and the weights are one process's."""
+    mp.spawn(_train_worker, args=(_free_port(), _subset_of_one_shard(tmp_path, "two")), nprocs=2, join=True)
+    single = train(load_config(None, _subset_of_one_shard(tmp_path, "one")))
+    assert single["world_size"] == 1 and single["train_samples"] == 8
+    one, two = (load_file(tmp_path / run / "clip" / "model.safetensors") for run in ("one", "two"))
+    assert one.keys() == two.keys()
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, rtol=0, atol=1e-5, msg=name)

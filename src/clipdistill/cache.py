@@ -169,7 +169,8 @@ class TeacherCache:
         if self.meta.data_id != data_id:
             raise CacheMismatchError(
                 f"teacher cache at {self.folder} was built from data {self.meta.data_id!r}, not {data_id!r} "
-                "(a table is identified by its contents: an edited one is new data): rerun `clipdistill "
+                "(a table is identified by its contents, shards by their sizes and modification times: "
+                "edited data is new data): rerun `clipdistill "
                 "embed` for this data (or point --run_dir at the matching run)"
             )
         if fingerprint is not None and self.meta.fingerprint != fingerprint:

@@ -127,8 +127,9 @@ class DataConfig:
     # folder: one sub-folder of images per class (eval only)
     path: str = ""  # lab: folder of the Fashion-MNIST idx files ("" = Debian's); paper: the suites' root;
     # else table file or shards
-    image_key: str = "filepath"
-    caption_key: str = "title"
+    image_key: str = "filepath"  # csv: the image path column; webdataset: the image member's extensions,
+    # comma-separated, first found first (the default: jpg,jpeg,png,webp)
+    caption_key: str = "title"  # csv: the caption column; webdataset: as image_key (default: txt,caption)
     id_key: str = ""
     image_size: int = 32
     num_workers: int = 0

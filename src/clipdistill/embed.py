@@ -93,12 +93,13 @@ def embed_teacher(
     if len(source) == 0:
         raise ValueError(f"data.path {cfg.data.path} holds no sample ({cfg.data.kind}): nothing to embed")
     width = teacher.model.encode_text(teacher.tokenizer(["x"]).to(device)).shape[-1]
+    data = data_id(cfg)
     meta = CacheMeta(
         fingerprint=teacher_fingerprint(
-            teacher.model_id, teacher.weights_hash(), teacher.preprocess, data_id(cfg), views, members
+            teacher.model_id, teacher.weights_hash(), teacher.preprocess, data, views, members
         ),
         model_id=teacher.model_id,
-        data_id=data_id(cfg),
+        data_id=data,
         num_samples=len(source),
         image_dim=teacher.embed_dim,
         text_dim=int(width),
@@ -112,7 +113,7 @@ def embed_teacher(
     plain = None
     if folder != plain_dir(cfg):
         plain_fingerprint = teacher_fingerprint(
-            teacher.model_id, teacher.weights_hash(), teacher.preprocess, data_id(cfg)
+            teacher.model_id, teacher.weights_hash(), teacher.preprocess, data
         )
         plain = plain_cache(plain_dir(cfg), plain_fingerprint, meta)
     report = build_cache(folder, meta, teacher.model, source, cfg.embed.batch_size, device, plain)
@@ -171,11 +172,14 @@ def check_skipped(report: dict, cfg: RunConfig, source) -> None:
     total, skipped = report["num_samples"], report["skipped_total"]
     if skipped < total and skipped <= cfg.embed.max_skip_fraction * total:
         return
+    by_reason = report["skipped_by_reason"]
     reasons = ", ".join(
         f"{n} {reason} (e.g. {', '.join(report['skipped_examples'].get(reason, [])[:3])})"
-        for reason, n in report["skipped_by_reason"].items()
+        for reason, n in by_reason.items()
     )
-    hint = relative_path_hint(source) if report["skipped_by_reason"].get("missing_file") else ""
+    hint = relative_path_hint(source) if by_reason.get("missing_file") else ""
+    if by_reason.get("missing_image") or by_reason.get("missing_caption"):
+        hint += members_hint(source)
     if skipped == total:
         what, remedy = f"all {total} samples were skipped", ""
     else:
@@ -185,6 +189,17 @@ def check_skipped(report: dict, cfg: RunConfig, source) -> None:
     raise TooManySkipped(
         f"{what}: {reasons or 'no sample at all'}. {hint}Fix the data and rerun (delete {cache_dir(cfg)} "
         f"first: its shards are kept){remedy}; per-reason ids are in report.json"
+    )
+
+
+def members_hint(source) -> str:
+    """Which members of a webdataset sample were looked for."""
+    if not isinstance(source, ShardPairs):
+        return ""
+    images, captions = (" or ".join(f".{ext}" for ext in exts) for exts in (source.images, source.captions))
+    return (
+        f"Images are read from {images} members (data.image_key), captions from {captions} "
+        "(data.caption_key): set them to the extensions the shards hold. "
     )
 
 

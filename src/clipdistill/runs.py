@@ -53,6 +53,12 @@ def data_id(cfg: RunConfig) -> str:
         return f"paper:{d.dataset}:{d.path}"
     if d.kind == "csv":  # by content: an edited table is other data; a moved one, or another cwd, is not
         return f"csv:sha256-{table_digest(d.path)}:val{d.val_size}:train{d.train_size}"
+    if d.kind == "webdataset":  # other members read, or a shard edited in place, are other data
+        from clipdistill.data.sources import shard_members
+
+        members = "/".join(",".join(exts) for exts in shard_members(d))
+        stamp = shards_stamp(d.path)
+        return f"webdataset:{d.path}:{members}:files-{stamp}:val{d.val_size}:train{d.train_size}"
     return f"{d.kind}:{d.path or 'default'}:val{d.val_size}:train{d.train_size}"
 
 
@@ -76,6 +82,18 @@ def table_digest(path: str) -> str:
 def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
+def shards_stamp(urls: str) -> str:
+    """A digest of every shard's size and modification time. Rewriting a shard (other images or captions
+    under the same keys) changes them; one stat per shard and no byte read keeps it instant on a corpus
+    of terabytes, where hashing the bytes would read it all before every stage. A copy that keeps the
+    times (`cp -p`, `rsync -a`) keeps the stamp; touching a shard changes it."""
+    from clipdistill.data.pairs import shard_files
+
+    stats = [os.stat(path) for path in shard_files(urls)]
+    blob = "\n".join(f"{stat.st_size} {stat.st_mtime_ns}" for stat in stats)
+    return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
 
 def run_path(cfg: RunConfig, path: str) -> Path:

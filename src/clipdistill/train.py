@@ -494,8 +494,8 @@ def training_batches(run: Run, trainer: Trainer, source, start_step: int) -> tup
     first_micro = start_step * tc.accum_steps
     cache = trainer.cache or _cache_if_built(cfg)  # its validity keeps bad samples out of every pool
     if isinstance(source, ShardPairs):  # streamed shards: the cache's manifest gives every sample's row
-        batches = source.stream(micro_batch // info.world_size, tc.seed, info.rank, info.world_size,
-                                first_micro, cache, training_subset(cfg))  # fmt: skip
+        batches = source.stream(micro_batch, tc.seed, info.rank, info.world_size, first_micro, cache,
+                                training_subset(cfg))  # fmt: skip
         return batches, source.pool_size
     pool = training_pool(cfg, trainer.task, len(source), cache)
     sampler = StepSampler(pool, micro_batch, tc.seed, info.rank, info.world_size)

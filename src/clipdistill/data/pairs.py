@@ -150,10 +150,27 @@ def expand_urls(urls: str) -> list[str]:
     return [url for part in urls.split("::") if part.strip() for url in braceexpand(part.strip())]
 
 
+def shard_files(urls: str) -> list[str]:
+    """The shards of `urls` (`expand_urls`), refused in one line when some are missing."""
+    shards = expand_urls(urls)
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(shards)} shards in {urls!r} not found: {missing[:3]}"
+        )
+    return shards
+
+
 def keys_digest(keys: list[str]) -> int:
     """A 63-bit digest of a shard's sample keys, in order: `train` checks that a shard is still the one
     `embed` read before it maps the shard's records to cache rows."""
     return int.from_bytes(hashlib.blake2b("\n".join(keys).encode(), digest_size=8).digest(), "little") >> 1
+
+
+# the member extensions a sample's image and caption are read from by default, first found first
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+CAPTION_MEMBERS = ("txt", "caption")
+UNREADABLE = -1  # the key digest of a shard that cannot be read (digests are 63-bit, never negative)
 
 
 @dataclass
@@ -163,19 +180,27 @@ class ShardIndex:
     knows every record's cache row, `offsets[shard] + record`, without reading a tar or a key table."""
 
     counts: np.ndarray  # int64 [shards]
-    digests: np.ndarray  # int64 [shards]; -1 for a shard that cannot be opened
+    digests: np.ndarray  # int64 [shards]; UNREADABLE for a shard without one readable sample
 
     @classmethod
     def scan(cls, shards: list[str]) -> ShardIndex:
-        counts, digests = np.empty(len(shards), np.int64), np.empty(len(shards), np.int64)
+        """A shard cut short counts its whole samples and one record for the cut; one that cannot be
+        opened, or is cut before its first whole sample, is UNREADABLE (its sample count is unknown)."""
+        counts, digests = np.zeros(len(shards), np.int64), np.full(len(shards), UNREADABLE, np.int64)
         for i, path in enumerate(shards):
             try:
                 with tarfile.open(path) as tar:
                     groups, complete = _group_by_key(tar)
-                counts[i], digests[i] = len(groups) + (not complete), keys_digest([k for k, _ in groups])
             except _TAR_ERRORS:
-                counts[i], digests[i] = 1, -1
+                continue
+            if groups or complete:
+                counts[i], digests[i] = len(groups) + (not complete), keys_digest([k for k, _ in groups])
         return cls(counts, digests)
+
+    @property
+    def unreadable(self) -> np.ndarray:
+        """Positions of the shards without one readable sample."""
+        return np.flatnonzero(self.digests == UNREADABLE)
 
     @property
     def offsets(self) -> np.ndarray:
@@ -183,24 +208,26 @@ class ShardIndex:
         return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
 
 
-def shard_order(num_shards: int, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
-    """The shards (positions in the shard list) a rank reads in an epoch: all shards shuffled by
-    (seed, epoch), then dealt round-robin to ranks. Shards are shuffled, not samples: mix samples
-    when writing them."""
+def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """The order (positions in the shard list) every rank streams the shards in an epoch: shuffled by
+    (seed, epoch). Shards are shuffled, not samples: mix samples when writing them."""
     order = list(range(num_shards))
     random.Random(f"{seed}:{epoch}").shuffle(order)
-    return order[rank::world_size]
+    return order
 
 
 class ShardBatches(IterableDataset):
     """One rank's training batches of one epoch from webdataset shards, from batch `start` on.
 
-    The rank's stream is the kept records (`kept[i]` of shard i; `keep(i)` gives the mask) of its
-    shards in `order`; batch j is records [j * B, (j + 1) * B) of it, a pure function of (seed, epoch,
-    j), so a run resumes exactly at any step. DataLoader worker w builds batches start + w, start + w + W,
-    ...: the loader's round-robin hands them back in order, and a worker opens only the shards its
-    batches touch, reading the headers of the records before its own. A sample's `index` is its cache
-    row. Bad records keep their place and reach the batch's `skipped` list.
+    The epoch's stream is the kept records (`kept[i]` of shard i; `keep(i)` gives the mask) of the
+    shards in `order`, the same on every rank. Global batch j is records [j * G, (j + 1) * G) of it
+    (G = B x world size) and this rank's batch j is its slice of B records at rank x B: a pure function
+    of (seed, epoch, j), so a run resumes exactly at any step and N ranks together train on the batches
+    of one process, however the kept records are spread over the shards. DataLoader worker w builds
+    batches start + w, start + w + W, ...: the loader's round-robin hands them back in order, and a
+    worker opens only the shards its batches touch, reading the headers of the records before its own.
+    A sample's `index` is its cache row. Bad records keep their place and reach the batch's `skipped`
+    list.
     """
 
     def __init__(
@@ -215,42 +242,53 @@ class ShardBatches(IterableDataset):
         transform: Transform,
         collate: Callable[[list[dict]], dict],
         min_side: int | None = None,
-        image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp"),
-        caption_keys: tuple[str, ...] = ("txt", "caption"),
+        image_keys: tuple[str, ...] = IMAGE_MEMBERS,
+        caption_keys: tuple[str, ...] = CAPTION_MEMBERS,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.shards, self.index, self.order, self.kept, self.keep = shards, index, order, kept, keep
         self.batch_size, self.start = batch_size, start
-        self.num_batches = int(kept[order].sum()) // batch_size
+        self.stride, self.lead = batch_size * world_size, batch_size * rank  # global batch, our place in it
+        self.num_batches = int(kept[order].sum()) // self.stride
         self.transform, self.collate, self.min_side = transform, collate, min_side
         self.image_keys, self.caption_keys = image_keys, caption_keys
 
     def __len__(self) -> int:
         return max(0, self.num_batches - self.start)
 
-    def _owned(self, batch: int, worker: int, workers: int) -> bool:
-        return self.start <= batch < self.num_batches and (batch - self.start) % workers == worker
+    def _owned(self, position: int, worker: int, workers: int) -> bool:
+        """Whether stream position `position` is in one of this rank's batches that `worker` builds."""
+        batch, place = divmod(position - self.lead, self.stride)
+        return (
+            place < self.batch_size
+            and self.start <= batch < self.num_batches
+            and (batch - self.start) % workers == worker
+        )
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         size, wanted = self.batch_size, set(self.image_keys) | set(self.caption_keys)
         offsets = self.index.offsets
-        first, samples = 0, []  # rank-stream position of the shard's first kept record
+        first, samples = 0, []  # stream position of the shard's first kept record
         for i in self.order:
             end = first + int(self.kept[i])
-            batch = max(first // size, self.start)
+            batch = max(
+                (first - self.lead - size) // self.stride + 1, self.start
+            )  # first to end past `first`
             batch += (worker - (batch - self.start)) % workers  # this worker's first batch from there on
-            if batch >= self.num_batches or batch * size >= end:
+            if batch >= self.num_batches or batch * self.stride + self.lead >= end:
                 first = end
-                if first >= self.num_batches * size:
+                if first >= self.num_batches * self.stride:
                     return
                 continue
 
             def read(k: int, first: int = first) -> bool:
-                return self._owned((first + k) // size, worker, workers)
+                return self._owned(first + k, worker, workers)
 
             digest = int(self.index.digests[i])
-            for record, raw in _read_shard(self.shards[i], wanted, self.keep(i), read, digest):
+            for record, raw in _read_shard(self.shards[i], digest, wanted, self.keep(i), read):
                 if raw is not None:
                     samples.append(self._to_sample(raw, int(offsets[i]) + record))
                     if len(samples) == size:
@@ -289,19 +327,19 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 def _read_shard(
     path: str,
+    digest: int,
     wanted: set[str],
-    keep: np.ndarray | None = None,
-    read: Callable[[int], bool] | None = None,
-    digest: int | None = None,
+    keep: np.ndarray | None,
+    read: Callable[[int], bool],
 ) -> Iterator[tuple[int, dict | None]]:
     """One shard's kept records as (record number, `{"__key__": key, ext: bytes}`), only `wanted`
     extensions read.
 
-    Records whose `keep` entry is False are left out. The k-th kept record is read only if `read(k)`
-    (default: all), else it comes out as None, from its header alone. A shard that cannot be opened is
-    one `unreadable_shard` record; a shard cut short ends with a `truncated_shard` record in place of
-    its last sample, which may have lost members past the cut. `digest` (from the `ShardIndex`) is
-    checked against the shard's keys before any record is read.
+    Records whose `keep` entry is False are left out. The k-th kept record is read only if `read(k)`,
+    else it comes out as None, from its header alone. A shard cut short ends with a `truncated_shard`
+    record in place of its last sample, which may have lost members past the cut. `digest` (the
+    `ShardIndex`'s, of a shard it could read) is checked against the shard's keys before any record
+    is read.
     """
 
     def kept(record: int) -> bool:
@@ -310,16 +348,13 @@ def _read_shard(
     try:
         tar = tarfile.open(path)
     except _TAR_ERRORS:
-        if digest not in (None, -1):
-            raise ShardChangedError(f"shard {path} cannot be opened now; rerun `clipdistill embed`") from None
-        if kept(0) and (read is None or read(0)):
-            yield 0, {"bad": "unreadable_shard", "id": path}
-        elif kept(0):
-            yield 0, None
-        return
+        raise ShardChangedError(
+            f"shard {path} was read when the shards were indexed but cannot be opened now; rerun "
+            "`clipdistill embed`"
+        ) from None
     with tar:
         groups, complete = _group_by_key(tar)
-        if digest is not None and keys_digest([key for key, _ in groups]) != digest:
+        if keys_digest([key for key, _ in groups]) != digest:
             raise ShardChangedError(
                 f"shard {path} changed since `clipdistill embed` read it (other keys): its samples no "
                 "longer match the teacher cache; rerun embed"
@@ -329,7 +364,7 @@ def _read_shard(
             if not kept(record):
                 continue
             position += 1
-            if read is not None and not read(position - 1):
+            if not read(position - 1):
                 yield record, None
                 continue
             try:
@@ -340,7 +375,7 @@ def _read_shard(
             yield record, {"__key__": key, **data}
         if not complete and kept(len(groups)):
             cut = {"bad": "truncated_shard", "id": path}
-            yield len(groups), (cut if read is None or read(position) else None)
+            yield len(groups), (cut if read(position) else None)
 
 
 def _group_by_key(tar: tarfile.TarFile) -> tuple[list[tuple[str, dict[str, tarfile.TarInfo]]], bool]:

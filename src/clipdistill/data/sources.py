@@ -9,7 +9,6 @@ Every source yields dicts with `image` (normalised float [B, 3, S, S]), `text` (
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -19,10 +18,12 @@ from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
 from clipdistill import distributed
-from clipdistill.config import DataConfig
+from clipdistill.config import ConfigError, DataConfig
 from clipdistill.data.lab import LabSplit, load_lab, to_pixels
 from clipdistill.models.factory import Preprocess
 from clipdistill.runs import table_file
+
+UNREADABLE_NAMED = 10  # unreadable shards a refusal names
 
 
 class ResizeCropNormalize:
@@ -144,15 +145,11 @@ class ShardPairs:
     every sample's cache row known from that index, so it reads no tar before its first batch."""
 
     def __init__(self, cfg: DataConfig, tokenizer: Callable, preprocess: Preprocess):
-        from clipdistill.data.pairs import expand_urls
+        from clipdistill.data.pairs import shard_files
 
         self.urls = cfg.path
-        self.shards = expand_urls(cfg.path)
-        missing = [s for s in self.shards if not os.path.isfile(s)]
-        if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} of {len(self.shards)} shards in {cfg.path!r} not found: {missing[:3]}"
-            )
+        self.shards = shard_files(cfg.path)
+        self.images, self.captions = shard_members(cfg)
         self.transform = pil_transform(preprocess)
         self.min_side = preprocess.image_size
         self.tokenizer = tokenizer
@@ -162,7 +159,9 @@ class ShardPairs:
     @property
     def index(self):
         """The shards' `ShardIndex`: the cache's manifest when `use_index` gave it, else read from the
-        headers (every rank reads its share when running under torchrun)."""
+        headers (every rank reads its share when running under torchrun). A shard without one readable
+        sample is refused, not counted as one bad sample: how many samples it lost is unknown, so
+        `embed.max_skip_fraction` could not weigh it."""
         from clipdistill.data.pairs import ShardIndex
 
         if self._index is None:
@@ -172,7 +171,17 @@ class ShardPairs:
             counts, digests = np.empty(len(self.shards), np.int64), np.empty(len(self.shards), np.int64)
             for r, part in enumerate(parts):
                 counts[r::world], digests[r::world] = part.counts, part.digests
-            self._index = ShardIndex(counts, digests)
+            index = ShardIndex(counts, digests)
+            if len(index.unreadable):  # every rank holds the gathered index: all of them stop here
+                named = ", ".join(self.shards[i] for i in index.unreadable[:UNREADABLE_NAMED])
+                if len(index.unreadable) > UNREADABLE_NAMED:
+                    named += f" and {len(index.unreadable) - UNREADABLE_NAMED} more"
+                raise ValueError(
+                    f"{len(index.unreadable)} of {len(self.shards)} shards in {self.urls!r} hold no readable "
+                    "sample (not a tar archive, or cut inside its first sample), so how many samples they "
+                    f"lost is unknown: {named}; repair or replace them, or leave them out of data.path"
+                )
+            self._index = index
         return self._index
 
     def use_index(self, index) -> None:
@@ -210,6 +219,7 @@ class ShardPairs:
         records = ShardBatches(
             self.shards, self.index, order, self.index.counts, lambda i: None, 1,
             int(flat[0] - offsets[first]), self.transform, lambda samples: samples[0], self.min_side,
+            self.images, self.captions,
         )  # fmt: skip
         stream = iter(records)
         for rows in lists:  # a stream shorter than counted (a cut shard) leaves its rows invalid
@@ -219,7 +229,7 @@ class ShardPairs:
 
     def stream(
         self,
-        local_batch: int,
+        global_batch: int,
         seed: int,
         rank: int,
         world_size: int,
@@ -227,8 +237,10 @@ class ShardPairs:
         cache=None,
         subset: np.ndarray | None = None,
     ) -> Iterator[dict]:
-        """Training batches from step `start_step` on: shards shuffled per epoch and dealt to ranks
-        (`shard_order`), batches cut from each rank's stream, exactly resumable at any step.
+        """This rank's training batches from step `start_step` on: shards shuffled per epoch
+        (`shard_order`), each global batch cut from the stream of their kept records and each rank given
+        its slice (`ShardBatches`), so N ranks see the batches of one process, exactly resumable at any
+        step. Too few kept records for one global batch are refused here, before any batch.
 
         With the teacher `cache` of these shards, its manifest replaces reading the tar headers and
         only the rows it holds as valid are read; `subset` (sorted rows; None: all) narrows them.
@@ -240,36 +252,58 @@ class ShardPairs:
                 self.use_index(manifest[0])
                 valid_counts = manifest[1]
             valid = cache.valid
-        if len(self.shards) < world_size:
-            raise ValueError(
-                f"{len(self.shards)} shards in {self.urls!r} cannot be split over {world_size} ranks"
-            )
         keep = KeptRows(self.index.offsets, self.index.counts, valid, subset)
         kept = keep.counts(valid_counts)
         self.pool_size = int(kept.sum())
-        return self._epochs(local_batch, seed, rank, world_size, start_step, keep, kept)
+        if self.pool_size < global_batch:
+            raise ValueError(
+                f"only {self.pool_size} samples of {self.urls!r} to train on (the valid ones, within "
+                f"train.subset), fewer than a global batch of {global_batch}: lower train.batch_size"
+            )
+        return self._epochs(global_batch // world_size, seed, rank, world_size, start_step, keep, kept)
 
     def _epochs(self, local_batch, seed, rank, world_size, start_step, keep, kept) -> Iterator[dict]:
         from clipdistill.data.pairs import ShardBatches, shard_order
 
-        epoch, start = 0, start_step
+        per_epoch = int(kept.sum()) // (local_batch * world_size)  # global batches, the same every epoch
+        epoch, start = divmod(start_step, per_epoch)
         while True:
-            order = shard_order(len(self.shards), seed, epoch, rank, world_size)
-            per_epoch = int(kept[order].sum()) // local_batch
-            if per_epoch == 0:
-                raise ValueError(
-                    f"no full batch of {local_batch} samples in {self.urls} for rank {rank} in epoch {epoch}"
-                )
-            if start >= per_epoch:
-                epoch, start = epoch + 1, start - per_epoch
-                continue
             dataset = ShardBatches(
-                self.shards, self.index, order, kept, keep, local_batch, start,
-                self.transform, self._collate, self.min_side,
+                self.shards, self.index, shard_order(len(self.shards), seed, epoch), kept, keep,
+                local_batch, start, self.transform, self._collate, self.min_side, self.images,
+                self.captions, rank, world_size,
             )  # fmt: skip
             loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
             yield from loader
             epoch, start = epoch + 1, 0
+
+
+def shard_members(cfg: DataConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The member extensions a webdataset sample's image and caption are read from, first found first:
+    `data.image_key` and `data.caption_key` as comma-separated lists (`jpg`, `png,webp`); left at
+    their table defaults (`filepath`, `title`) they mean `IMAGE_MEMBERS` and `CAPTION_MEMBERS`."""
+    from clipdistill.data.pairs import CAPTION_MEMBERS, IMAGE_MEMBERS
+
+    default = DataConfig()
+    images, captions = IMAGE_MEMBERS, CAPTION_MEMBERS
+    if cfg.image_key != default.image_key:
+        images = _extensions(cfg.image_key, "data.image_key")
+    if cfg.caption_key != default.caption_key:
+        captions = _extensions(cfg.caption_key, "data.caption_key")
+    if "json" in captions:
+        raise ConfigError(
+            f"data.caption_key {cfg.caption_key!r}: a JSON member is not read as a caption (the caption "
+            "would be the whole JSON text); name the member that holds the caption text, e.g. txt"
+        )
+    return images, captions
+
+
+def _extensions(value: str, option: str) -> tuple[str, ...]:
+    """`"jpg, .PNG"` -> ("jpg", "png")."""
+    exts = tuple(ext.strip().lstrip(".").lower() for ext in value.split(",") if ext.strip())
+    if not exts:
+        raise ConfigError(f"{option} {value!r}: name the extension(s) of the shards' members, e.g. jpg")
+    return exts
 
 
 class KeptRows:
