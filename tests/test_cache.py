@@ -165,6 +165,9 @@ def test_other_teacher_or_settings_are_refused(tmp_path, built):
         cache.check(data_id(load_config(None, _args(cfg.run_dir, other, "x"))))
     with pytest.raises(CacheMismatchError, match="not the configured one"):
         cache.check(data_id(cfg), fingerprint="0123456789abcdef")
+    other_column = load_config(None, _args(cfg.run_dir, cfg.data.path, "x", "--data.caption_key", "filepath"))
+    with pytest.raises(CacheMismatchError, match="was built from data"):  # the captions of another column
+        cache.check(data_id(other_column))
 
 
 def test_an_edited_table_is_new_data_and_a_moved_one_is_not(tmp_path, built):

@@ -51,8 +51,10 @@ def data_id(cfg: RunConfig) -> str:
     d = cfg.data
     if d.kind == "paper":  # the dataset's whole train split: stage 1's few-shot images are rows of it
         return f"paper:{d.dataset}:{d.path}"
-    if d.kind == "csv":  # by content: an edited table is other data; a moved one, or another cwd, is not
-        return f"csv:sha256-{table_digest(d.path)}:val{d.val_size}:train{d.train_size}"
+    if d.kind == "csv":  # by content and the columns read: an edited table, or another caption column,
+        # is other data; a moved table, or another cwd, is not
+        columns = f"{d.image_key},{d.caption_key}"
+        return f"csv:sha256-{table_digest(d.path)}:{columns}:val{d.val_size}:train{d.train_size}"
     if d.kind == "webdataset":  # other members read, or a shard edited in place, are other data
         from clipdistill.data.sources import shard_members
 
