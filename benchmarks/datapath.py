@@ -74,6 +74,7 @@ def _overrides(folder: Path, rows: int) -> list[str]:
         "--train.warmup_steps", "1",
         "--train.batch_size", str(BATCH),
         "--train.device", "cpu",
+        "--distill.teacher_logit_scale", "100",  # the synthetic cache records no teacher scale
     ]  # fmt: skip
 
 

@@ -196,7 +196,8 @@ def run_export(cfg: RunConfig) -> dict:
     fmt = cfg.export.format
     if fmt in ("onnx", "all") and find_spec("onnx") is None:  # torch's exporter imports it at the end
         raise ConfigError(
-            "ONNX export needs the onnx package: pip install 'clipdistill[onnx]', or --format open_clip"
+            "ONNX export needs the onnx package: pip install 'clipdistill[onnx]' (or, but for a ComKD "
+            "student, --format open_clip)"
         )
     name = model_name(cfg, cfg.export.model)
     loaded = load_trained(cfg, name)
