@@ -121,6 +121,16 @@ def test_comkd_student_ships_as_onnx_only(tiny_config):
     assert (Path(result["onnx"]) / "head.onnx").is_file()
 
 
+def test_a_prompt_tuned_teacher_is_not_exported_without_its_text_bank(tiny_config):
+    """Its export would zero-shot with plain prompts: other answers than the model's, silently."""
+    cfg = tiny_config("--export.model", "pt")
+    folder = fake_run(cfg, "pt", method="prompt_teacher")
+    run_export(cfg)  # no bank yet: a plain model
+    np.save(folder / "text_bank.npy", np.zeros((5, 24), np.float32))
+    with pytest.raises(ConfigError, match="pt is a prompt-tuned teacher: .* export does not carry yet"):
+        run_export(cfg)
+
+
 NO_TORCH = """
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
@@ -155,5 +165,8 @@ def test_cli_export_both_formats(run):
 
 def test_onnx_export_without_the_onnx_package_is_refused_before_any_work(tiny_config, monkeypatch):
     monkeypatch.setattr(export_module, "find_spec", lambda name: None if name == "onnx" else find_spec(name))
-    with pytest.raises(ConfigError, match=r"pip install 'clipdistill\[onnx\]', or --format open_clip"):
+    with pytest.raises(
+        ConfigError,
+        match=r"pip install 'clipdistill\[onnx\]' \(or, but for a ComKD student, --format open_clip\)",
+    ):
         run_export(tiny_config("--export.model", "not_trained"))

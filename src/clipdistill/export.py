@@ -22,7 +22,7 @@ from clipdistill.checkpoint import atomic_write, load_state_dict, save_npy, save
 from clipdistill.config import ConfigError, RunConfig
 from clipdistill.models.classifier import head_classnames, load_trained
 from clipdistill.models.factory import LoadedModel, _resolve_hf_names
-from clipdistill.models.heads import ComkdHead, load_head
+from clipdistill.models.heads import TEXT_BANK, ComkdHead, load_head
 from clipdistill.runs import model_dir, model_name, sweep_temps
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -181,12 +181,19 @@ def export_onnx(
     return folder
 
 
-def refuse_prompted_student(folder: Path, head: ComkdHead | None) -> None:
-    """A ComKD student whose image tower runs with learned visual prompts: export does not carry them."""
+def refuse_prompted_model(folder: Path, head: ComkdHead | None) -> None:
+    """A model that classifies with what export does not carry: a ComKD student's learned visual prompts,
+    or a prompt-tuned teacher's text bank (its export would zero-shot with plain prompts instead)."""
     if head is not None and "visual_prompts.prompts" in load_state_dict(folder / "heads.safetensors"):
         raise ConfigError(
             f"{folder.name} runs its image tower with learned visual prompts, which export does not carry "
             "yet: evaluate and predict it with the torch backend"
+        )
+    if head is None and (folder / TEXT_BANK).is_file():
+        raise ConfigError(
+            f"{folder.name} is a prompt-tuned teacher: it classifies with its learned text bank, which "
+            "export does not carry yet: evaluate and predict it with the torch backend, or export the "
+            "ComKD student distilled from it"
         )
 
 
@@ -207,7 +214,7 @@ def run_export(cfg: RunConfig) -> dict:
             f"{name} is a ComKD student: it classifies through its head and the teacher's text bank, which "
             "open_clip's format cannot hold; --format onnx exports them (head.onnx, text_bank.npy)"
         )
-    refuse_prompted_student(model_dir(cfg, name), head)
+    refuse_prompted_model(model_dir(cfg, name), head)
     out = model_dir(cfg, name) / "export"
     result: dict = {"model": name}
     if fmt in ("open_clip", "all") and head is None:
