@@ -19,7 +19,8 @@ def paper_split(cfg: DataConfig, split: str, transform: Transform | None, **prot
     if cfg.dataset not in DATASETS or not cfg.path:
         raise ConfigError(
             f"data.kind paper needs data.dataset (one of {', '.join(DATASETS)}; got {cfg.dataset!r}) and "
-            "data.path, the folder that holds the datasets' folders"
+            "data.path, the folder that holds the datasets' folders (for image_folder: the folder that holds "
+            "train/, val/ and test/)"
         )
     return build_dataset(cfg.dataset, cfg.path, split, transform, **protocol)
 
