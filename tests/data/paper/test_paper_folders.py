@@ -15,6 +15,9 @@ def test_image_folder_splits(tmp_path):
     ]
     assert len(train) == 9 and train.samples[3] == (str(tmp_path / "train/golden_retriever/0.png"), 1)
     assert len(build_dataset("image_folder", tmp_path, "val", TO_TENSOR)) == 3
+    write_image(tmp_path / "val" / "ant" / "night" / "0.png", 0)  # a folder inside a class: its images too
+    assert build_dataset("image_folder", tmp_path, "val", TO_TENSOR).samples[:2] == [
+        (str(tmp_path / "val/ant/0.png"), 0), (str(tmp_path / "val/ant/night/0.png"), 0)]  # fmt: skip
     few = build_dataset("image_folder", tmp_path, "train", TO_TENSOR, shots=1, subsample="new")
     assert few.classnames == ["zebra"] and len(few) == 1
     write_image(tmp_path / "test" / "yak" / "0.png", 0)

@@ -160,7 +160,8 @@ def read_wnid_names(path: Path, dataset: str) -> dict[str, str]:
 
 
 def list_class_folders(folder: Path, labels: dict[str, int], dataset: str, names_file: Path) -> list:
-    """`(path, label)` for the images of each class sub-folder, sorted; every folder must be a known class."""
+    """`(path, label)` for the images of each class sub-folder and the folders inside it (as `eval` reads a
+    folder tree), sorted; every folder must be a known class."""
     subs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     if not subs:
         raise ValueError(
@@ -171,9 +172,9 @@ def list_class_folders(folder: Path, labels: dict[str, int], dataset: str, names
         if sub not in labels:
             raise ValueError(f"{dataset}: {folder / sub} is not a class listed in {names_file}")
         images = sorted(
-            e.name
-            for e in os.scandir(folder / sub)
-            if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+            p.relative_to(folder / sub)
+            for p in (folder / sub).rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
         )
         samples += [(str(folder / sub / image), labels[sub]) for image in images]
     return samples
