@@ -153,7 +153,7 @@ def test_other_teacher_or_settings_are_refused(tmp_path, built):
     with pytest.raises(CacheMismatchError, match=f"Delete {cache_dir(cfg)}"):
         run_embed(other_teacher)
 
-    with pytest.raises(CacheMismatchError, match="shard size 64"):
+    with pytest.raises(CacheMismatchError, match=r"other settings \(shard size 64 -> 128\)"):
         other_shards = _args(cfg.run_dir, cfg.data.path, cfg.teacher.pretrained, "--embed.shard_size", "128")
         run_embed(load_config(None, other_shards))
 

@@ -343,6 +343,14 @@ def own_logit_scale(teacher: torch.nn.Module) -> float | None:
     return float(log_scale.detach().float().exp())
 
 
+# CacheMeta's fields as a refusal names them
+META_NAMES = {
+    "model_id": "teacher", "data_id": "data", "fingerprint": "fingerprint", "num_samples": "samples",
+    "image_dim": "image width", "text_dim": "text width", "shard_size": "shard size", "views": "views",
+    "view_seed": "view seed", "view_min_scale": "view min scale", "ensemble": "ensemble",
+}  # fmt: skip
+
+
 def build_cache(
     folder: str | Path,
     meta: CacheMeta,
@@ -364,11 +372,13 @@ def build_cache(
     if meta_path.is_file():
         old = CacheMeta(**read_json(meta_path))
         if old != meta:
+            changed = [
+                f"{name} {getattr(old, key)} -> {getattr(meta, key)}"
+                for key, name in META_NAMES.items()
+                if getattr(old, key) != getattr(meta, key)
+            ]
             raise CacheMismatchError(
-                f"the cache at {folder} was started with other settings (teacher {old.model_id}, data "
-                f"{old.data_id}, fingerprint {old.fingerprint}, {old.num_samples} samples, shard size "
-                f"{old.shard_size}); now {meta.model_id}, {meta.data_id}, {meta.fingerprint}, "
-                f"{meta.num_samples}, {meta.shard_size}. "
+                f"the cache at {folder} was started with other settings ({'; '.join(changed)}). "
                 f"Delete {folder} to rebuild it"
             )
     elif rank == 0:

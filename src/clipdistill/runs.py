@@ -55,12 +55,13 @@ def data_id(cfg: RunConfig) -> str:
         # is other data; a moved table, or another cwd, is not
         columns = f"{d.image_key},{d.caption_key}"
         return f"csv:sha256-{table_digest(d.path)}:{columns}:val{d.val_size}:train{d.train_size}"
-    if d.kind == "webdataset":  # other members read, or a shard edited in place, are other data
+    if d.kind == "webdataset":  # other members read, or a shard edited in place, are other data; the same
+        # shards named from another working folder (or copied with their times kept) are not
         from clipdistill.data.sources import shard_members
 
         members = "/".join(",".join(exts) for exts in shard_members(d))
         stamp = shards_stamp(d.path)
-        return f"webdataset:{d.path}:{members}:files-{stamp}:val{d.val_size}:train{d.train_size}"
+        return f"webdataset:{members}:files-{stamp}:val{d.val_size}:train{d.train_size}"
     return f"{d.kind}:{d.path or 'default'}:val{d.val_size}:train{d.train_size}"
 
 
@@ -94,7 +95,7 @@ def shards_stamp(urls: str) -> str:
     from clipdistill.data.pairs import shard_files
 
     stats = [os.stat(path) for path in shard_files(urls)]
-    blob = "\n".join(f"{stat.st_size} {stat.st_mtime_ns}" for stat in stats)
+    blob = "\n".join(f"{stat.st_size} {stat.st_mtime_ns}" for stat in stats)  # in order
     return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
 

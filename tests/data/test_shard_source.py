@@ -216,6 +216,14 @@ def test_a_shard_edited_in_place_is_refused_by_embed_and_train(tmp_path, shards,
         train(_cfg(tmp_path, shards, "--teacher.pretrained", teacher, "--train.method", "openclip_distill"))
 
 
+def test_the_same_shards_named_from_another_folder_are_the_same_data(tmp_path, shards, teacher, monkeypatch):
+    cfg = _cfg(tmp_path, shards, "--teacher.pretrained", teacher)
+    run_embed(cfg)
+    monkeypatch.chdir(tmp_path)
+    relative = _cfg(tmp_path, "{000..001}.tar", "--teacher.pretrained", teacher)
+    assert run_embed(relative)["shards_computed"] == 0  # reused, not refused as other data
+
+
 def _unfinish(folder) -> None:
     """The cache as `kill -9` leaves it before its last shard: no last shard, valid.npy or manifest."""
     for name in ("emb_00002.npy", "shard_00002.json", "valid.npy", "manifest.npz", "report.json"):
@@ -234,7 +242,7 @@ def test_an_unfinished_cache_resumes_over_the_same_shards_and_refuses_edited_one
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "report.json"} == whole
     _unfinish(folder)
     _rewrite_captions(tmp_path)
-    with pytest.raises(CacheMismatchError, match="started with other settings"):
+    with pytest.raises(CacheMismatchError, match=r"started with other settings \(data webdataset:"):
         run_embed(cfg)
     assert not (folder / "shard_00002.json").exists()
 
