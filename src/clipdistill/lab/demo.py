@@ -97,7 +97,14 @@ ROWS: dict[str, dict] = {
         **COMKD_TARGET,
         "eval.protocol": "base_to_novel",  # stage 1 is about the target: no shifts of the clean images
     },
-    "student_zeroshot": {"train.method": "comkd", "train.steps": 0, **STAGE2},  # before stage 2
+    # the stage-2 student as it starts: one step at learning rate 0 saves it unchanged
+    "student_zeroshot": {
+        "train.method": "comkd",
+        **STAGE2,
+        "train.steps": 1,
+        "train.lr": 0.0,
+        "train.warmup_steps": 0,
+    },
     "promptkd": {**PROMPTKD, **STAGE2},
     "comkd": {**COMKD, **STAGE2},
     "comkd_no_ifalign": {**COMKD, "comkd.use_ifalign": False, **STAGE2},
