@@ -173,3 +173,10 @@ def test_the_comkd_recipe_on_a_folder_of_labelled_images_runs_end_to_end(tmp_pat
     assert all(line.split()[1] in " ".join(CLASSES) for line in table[1:])
     spec = read_json(run / "comkd" / "export" / "onnx" / "preprocess.json")
     assert spec["head"]["classnames"] == split["classnames"]
+    # every class labelled, none held out as novel: both stages run
+    every = ["--config", "myimages.yaml", "--comkd.base_fraction", "1", "--comkd.prompt_teacher", "pt_all"]
+    stage1 = ["--train.role", "teacher", "--train.method", "prompt_teacher", "--train.name", "pt_all"]
+    assert cli_main(["train", *every, *stage1]) == 0, capsys.readouterr().err[-2000:]
+    assert read_json(run / "pt_all" / "split.json")["base"] == [0, 1, 2]
+    assert read_json(run / "pt_all" / "done.json")["train_samples"] == 3 * 4
+    assert cli_main(["train", *every, "--train.method", "comkd", "--train.name", "kd_all"]) == 0

@@ -242,7 +242,7 @@ class ComkdConfig:
     n_ctx: int = 4  # learnable text context tokens (CoOp), class name after them
     vpt_depth: int = 0  # VPT-deep: blocks that get fresh visual prompts (0 = text prompts only)
     vpt_tokens: int = 0  # visual prompt tokens per block (set with vpt_depth)
-    base_fraction: float = 0.5  # share of classes that are "base" (labeled in stage 1)
+    base_fraction: float = 0.5  # share of classes that are "base" (labeled in stage 1); paper data: 0.5 or 1
     split_seed: int = 0
     eduattention: EduAttentionKind = "cross"  # cross: learned Q/K/V; mean_text: softmax(p·W_tᵀ/C)·W_t
     attention_scale: float = 1.0  # C in the mean_text EduAttention

@@ -4,8 +4,8 @@ inductive variant keeps the images of base classes.
 Rows are those of the training source (and so of the teacher cache). On the lab the base classes are
 a seeded half (`comkd.base_fraction`, `comkd.split_seed`) and the labelled images a seeded draw of
 `data.shots` per base class (`train.seed`; 0 = every image); on a paper dataset the base classes are
-CoOp's first half, the labelled images CoOp's few-shot draw of them (`data.shots` per class, seeded by
-`train.seed`), as `eval --suite base_to_novel` scores them.
+CoOp's first half (or every class, `comkd.base_fraction 1`), the labelled images CoOp's few-shot draw of
+them (`data.shots` per class, seeded by `train.seed`), as `eval --suite base_to_novel` scores them.
 """
 
 from __future__ import annotations
@@ -40,18 +40,36 @@ def labelled_train(cfg: RunConfig) -> LabelledTrain:
         labelled = lab_shots(lab.train.labels.numpy(), base, cfg.data.shots, cfg.train.seed)
         return LabelledTrain(list(lab.classnames), lab.train.labels, base, labelled)
     if cfg.data.kind == "paper":
+        every_class = paper_every_class(cfg)
         full = paper_split(cfg.data, "train", None)
-        protocol = {"shots": cfg.data.shots, "seed": cfg.train.seed, "subsample": "base"}
+        protocol = {
+            "shots": cfg.data.shots,
+            "seed": cfg.train.seed,
+            "subsample": "all" if every_class else "base",
+        }
         few = paper_split(cfg.data, "train", None, **protocol)
         row_of = {item: row for row, (item, _) in enumerate(full.samples)}
         labels = torch.tensor([label for _, label in full.samples], dtype=torch.long)
-        base = list(range(math.ceil(len(full.classnames) / 2)))  # CoOp's halving (subsample "base")
+        n_base = len(full.classnames) if every_class else math.ceil(len(full.classnames) / 2)  # CoOp's half
+        base = list(range(n_base))
         labelled = np.array([row_of[item] for item, _ in few.samples])
         return LabelledTrain(list(full.classnames), labels, base, labelled)
     raise ConfigError(
         "ComKD's stage 1 and inductive variant need class labels: data.kind lab or paper, "
         f"not {cfg.data.kind!r}"
     )
+
+
+def paper_every_class(cfg: RunConfig) -> bool:
+    """On a paper dataset the base classes are CoOp's first half (`comkd.base_fraction` 0.5, the default),
+    as its base-to-novel suite scores them, or every class (1.0: your own labelled images, none held out
+    as novel); another fraction is refused rather than ignored."""
+    if cfg.comkd.base_fraction not in (0.5, 1.0):
+        raise ConfigError(
+            f"comkd.base_fraction {cfg.comkd.base_fraction}: on a paper dataset the base classes are CoOp's "
+            "first half (0.5) or every class (1.0)"
+        )
+    return cfg.comkd.base_fraction == 1.0
 
 
 def lab_shots(labels: np.ndarray, base: list[int], shots: int, seed: int) -> np.ndarray | None:
