@@ -168,6 +168,8 @@ def test_other_teacher_or_settings_are_refused(tmp_path, built):
     other_column = load_config(None, _args(cfg.run_dir, cfg.data.path, "x", "--data.caption_key", "filepath"))
     with pytest.raises(CacheMismatchError, match="was built from data"):  # the captions of another column
         cache.check(data_id(other_column))
+    lab_only = load_config(None, _args(cfg.run_dir, cfg.data.path, "x", "--data.val_size", "7"))
+    cache.check(data_id(lab_only))  # the lab's split sizes are not a table's: the same data
 
 
 def test_an_edited_table_is_new_data_and_a_moved_one_is_not(tmp_path, built):

@@ -54,15 +54,15 @@ def data_id(cfg: RunConfig) -> str:
     if d.kind == "csv":  # by content and the columns read: an edited table, or another caption column,
         # is other data; a moved table, or another cwd, is not
         columns = f"{d.image_key},{d.caption_key}"
-        return f"csv:sha256-{table_digest(d.path)}:{columns}:val{d.val_size}:train{d.train_size}"
+        return f"csv:sha256-{table_digest(d.path)}:{columns}"
     if d.kind == "webdataset":  # other members read, or a shard edited in place, are other data; the same
         # shards named from another working folder (or copied with their times kept) are not
         from clipdistill.data.sources import shard_members
 
         members = "/".join(",".join(exts) for exts in shard_members(d))
         stamp = shards_stamp(d.path)
-        return f"webdataset:{members}:files-{stamp}:val{d.val_size}:train{d.train_size}"
-    return f"{d.kind}:{d.path or 'default'}:val{d.val_size}:train{d.train_size}"
+        return f"webdataset:{members}:files-{stamp}"
+    return f"{d.kind}:{d.path or 'default'}:val{d.val_size}:train{d.train_size}"  # the lab's split sizes
 
 
 def table_file(path: str) -> Path:
