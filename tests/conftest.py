@@ -83,6 +83,22 @@ def write_pairs(folder: Path, size: int, seed: int = 0) -> Path:
     return path
 
 
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A tar of `(name, bytes)` members, in order: a WebDataset shard when the names are `key.ext`."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def png_bytes(rng: np.random.Generator, side: int = 28) -> bytes:
+    """A grey `side` px PNG of noise from `rng`."""
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (side, side), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def write_shard(
     path: Path,
     keys: list[str],
@@ -92,15 +108,12 @@ def write_shard(
 ) -> None:
     """A WebDataset shard of 28 px PNGs (`key.png`, noise from `rng`) and captions (`key.txt`:
     "CAPTION KEY"); `bad_key`'s image is a text file."""
-    with tarfile.open(path, "w") as tar:
-        for key in keys:
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(buf, format="PNG")
-            payload = b"not an image" if key == bad_key else buf.getvalue()
-            for name, data in ((f"{key}.png", payload), (f"{key}.txt", f"{caption} {key}".encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    members = []
+    for key in keys:
+        image = png_bytes(rng)
+        members += [(f"{key}.png", b"not an image" if key == bad_key else image),
+                    (f"{key}.txt", f"{caption} {key}".encode())]  # fmt: skip
+    write_tar(path, members)
 
 
 @pytest.fixture(scope="session")

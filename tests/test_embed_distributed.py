@@ -1,10 +1,8 @@
 """`embed` and the `cluster` labelling pass in 2 processes (gloo, spawned as torchrun would) write the
 same bytes as in one; a shard deleted afterwards is recomputed alone."""
 
-import io
 import os
 import socket
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image
 from safetensors.torch import save_file
 
 from clipdistill.config import ModelConfig, load_config
@@ -20,6 +17,7 @@ from clipdistill.curate.cluster import assign_labels
 from clipdistill.curate.stages import run_cluster
 from clipdistill.embed import run_embed
 from clipdistill.models.factory import create_model
+from conftest import png_bytes, write_tar
 
 SHARDS, PER_SHARD = 4, 10
 
@@ -27,18 +25,12 @@ SHARDS, PER_SHARD = 4, 10
 def _write_shards(folder) -> str:
     rng = np.random.default_rng(0)
     for s in range(SHARDS):
-        with tarfile.open(folder / f"{s:03d}.tar", "w") as tar:
-            for i in range(PER_SHARD):
-                buf = io.BytesIO()
-                Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(buf, format="PNG")
-                image = b"broken" if (s, i) == (2, 4) else buf.getvalue()
-                for name, data in (
-                    (f"s{s}_{i:02d}.png", image),
-                    (f"s{s}_{i:02d}.txt", f"item {s} {i}".encode()),
-                ):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+        members = []
+        for i in range(PER_SHARD):
+            image = png_bytes(rng)
+            members += [(f"s{s}_{i:02d}.png", b"broken" if (s, i) == (2, 4) else image),
+                        (f"s{s}_{i:02d}.txt", f"item {s} {i}".encode())]  # fmt: skip
+        write_tar(folder / f"{s:03d}.tar", members)
     return str(folder / f"{{000..{SHARDS - 1:03d}}}.tar")
 
 

@@ -25,6 +25,7 @@ from clipdistill.data.pairs import (
 )
 from clipdistill.data.sources import ShardPairs
 from clipdistill.models.factory import Preprocess
+from conftest import write_tar
 
 TRANSFORM = T.Compose([T.Resize((8, 8)), T.ToTensor()])
 
@@ -151,14 +152,6 @@ def test_collate_of_an_all_bad_batch():
 # ---- webdataset shards ----------------------------------------------------------------------------
 
 
-def _write_tar(path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def _sample(key: str, seed: int, caption: bytes | None = None, image: bool = True) -> list[tuple[str, bytes]]:
     members = [(f"{key}.jpg", _image_bytes(seed, "JPEG"))] if image else []
     members.append((f"{key}.txt", caption if caption is not None else f"caption of {key}".encode()))
@@ -186,7 +179,7 @@ def shards(tmp_path):
             else:
                 members += _sample(key, 10 * s + i)
                 records.append((key, "ok"))
-        _write_tar(tmp_path / f"shard-{s:03d}.tar", members)
+        write_tar(tmp_path / f"shard-{s:03d}.tar", members)
     return str(tmp_path / "shard-{000..002}.tar"), records
 
 
@@ -281,7 +274,7 @@ def test_kept_records_only_and_their_cache_rows(shards):
 def test_a_changed_shard_is_refused(shards, tmp_path):
     urls, _ = shards
     index = ShardIndex.scan(expand_urls(urls))
-    _write_tar(tmp_path / "shard-001.tar", _sample("other/000", 0) + _sample("other/001", 1))
+    write_tar(tmp_path / "shard-001.tar", _sample("other/000", 0) + _sample("other/001", 1))
     with pytest.raises(ShardChangedError, match="shard-001.tar changed"):
         _stream(_records(urls, index=index))
 

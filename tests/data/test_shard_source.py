@@ -2,7 +2,6 @@
 
 import io
 import os
-import tarfile
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from clipdistill.checkpoint import safe_torch_load
 from clipdistill.config import load_config
 from clipdistill.embed import run_embed
 from clipdistill.train import train
-from conftest import write_shard
+from conftest import write_shard, write_tar
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -249,17 +248,15 @@ def test_an_unfinished_cache_resumes_over_the_same_shards_and_refuses_edited_one
 
 def _black_jpg_white_png(path) -> None:
     """4 samples, each with a black .jpg, a white .png, tags in .txt and a sentence in .caption."""
-    with tarfile.open(path, "w") as tar:
-        for i in range(4):
-            members = {"txt": f"tags {i}".encode(), "caption": f"a caption of {i}".encode()}
-            for ext, fmt, grey in (("jpg", "JPEG", 0), ("png", "PNG", 255)):
-                buf = io.BytesIO()
-                Image.new("RGB", (16, 16), (grey, grey, grey)).save(buf, format=fmt)
-                members[ext] = buf.getvalue()
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"k{i}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    members = []
+    for i in range(4):
+        sample = {"txt": f"tags {i}".encode(), "caption": f"a caption of {i}".encode()}
+        for ext, fmt, grey in (("jpg", "JPEG", 0), ("png", "PNG", 255)):
+            buf = io.BytesIO()
+            Image.new("RGB", (16, 16), (grey, grey, grey)).save(buf, format=fmt)
+            sample[ext] = buf.getvalue()
+        members += [(f"k{i}.{ext}", data) for ext, data in sample.items()]
+    write_tar(path, members)
 
 
 def _first_batch(tmp_path, *keys) -> tuple[torch.Tensor, list[str]]:
