@@ -274,9 +274,8 @@ class ShardBatches(IterableDataset):
         first, samples = 0, []  # stream position of the shard's first kept record
         for i in self.order:
             end = first + int(self.kept[i])
-            batch = max(
-                (first - self.lead - size) // self.stride + 1, self.start
-            )  # first to end past `first`
+            # the first of this rank's batches whose slice ends after `first` (the shard's first record)
+            batch = max((first - self.lead - size) // self.stride + 1, self.start)
             batch += (worker - (batch - self.start)) % workers  # this worker's first batch from there on
             if batch >= self.num_batches or batch * self.stride + self.lead >= end:
                 first = end
